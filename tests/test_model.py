@@ -1,0 +1,219 @@
+"""model.py against transformers: logits, rope scaling, KV cache, prefix caching, and bad checkpoints."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import save_tiny_llama
+from model import CheckpointError, KVCache, generate, load_model, prefill_prefix
+
+
+def _logits_match(directory, hf_model, T=40):
+    ours, _ = load_model(directory, dtype=torch.float32, device="cpu")
+    tokens = torch.randint(0, hf_model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf_model(tokens).logits
+        got = ours(tokens)
+    assert got.shape == expected.shape == (2, T, hf_model.config.vocab_size)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_tiny_logits_match_transformers(tmp_path):
+    _logits_match(tmp_path, save_tiny_llama(tmp_path))
+
+
+def test_tiny_tied_embeddings_match(tmp_path):
+    _logits_match(tmp_path, save_tiny_llama(tmp_path, tie=True))
+
+
+def test_llama3_rope_scaling_matches(tmp_path):
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    hf = save_tiny_llama(tmp_path, rope_scaling=scaling, num_attention_heads=2, num_key_value_heads=1)
+    _logits_match(tmp_path, hf, T=120)
+    # the scaling must actually change the result, or the test would pass without implementing it
+    plain = tmp_path / "plain"
+    shutil.copytree(tmp_path, plain, ignore=shutil.ignore_patterns("plain"))
+    cfg = json.loads((plain / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    (plain / "config.json").write_text(json.dumps(cfg))
+    a, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    b, _ = load_model(plain, dtype=torch.float32, device="cpu")
+    x = torch.arange(100)[None] % 200
+    assert (a(x) - b(x)).abs().max() > 1e-3
+
+
+def test_meta_style_config_with_rope_theta_and_rope_scaling(tmp_path):
+    """Meta's config.json carries rope_theta and rope_scaling at top level (transformers 5 writes rope_parameters)."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    hf = save_tiny_llama(tmp_path, rope_scaling=scaling)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    cfg["rope_scaling"] = params
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _logits_match(tmp_path, hf, T=100)
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    from transformers import LlamaForCausalLM
+    hf = save_tiny_llama(tmp_path / "one")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "one" / f, tmp_path / "sharded" / f)
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    _logits_match(tmp_path / "sharded", hf)
+
+
+# ----------------------------------------------------------------------------- KV cache
+def test_cache_prefill_then_decode_equals_full_forward_with_padding(tiny_model):
+    model, _ = tiny_model
+    g = torch.Generator().manual_seed(0)
+    lengths, n_new = [12, 7, 3], 5
+    rows = [torch.randint(0, model.args.vocab_size, (n + n_new,), generator=g) for n in lengths]
+    full = [model(r[None])[0] for r in rows]                                     # each row alone, no cache
+    T = max(lengths)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    real = torch.zeros(len(rows), T, dtype=torch.bool)
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        tokens[i, T - n:], real[i, T - n:] = r[:n], True
+    cache = KVCache(model.args, len(rows), T + n_new, torch.float32, "cpu")
+    logits = model(tokens, cache, pad_mask=real)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(logits[i, T - n:], full[i][:n], atol=1e-5, rtol=0)
+    for step in range(n_new):                                                    # one token at a time
+        nxt = torch.stack([r[n + step] for r, n in zip(rows, lengths)])[:, None]
+        out = model(nxt, cache)[:, -1]
+        for i, n in enumerate(lengths):
+            torch.testing.assert_close(out[i], full[i][n + step], atol=1e-5, rtol=0)
+
+
+def test_generate_batched_equals_one_by_one(tiny_model):
+    model, _ = tiny_model
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [40, 41, 42, 43]]
+    batched = generate(model, prompts, max_new_tokens=10)
+    single = [generate(model, [p], max_new_tokens=10)[0] for p in prompts]
+    assert batched == single and all(len(o) == 10 for o in batched)
+
+
+def test_prefix_caching_gives_the_same_tokens(tiny_model):
+    model, _ = tiny_model
+    prefix = list(range(30, 60))
+    suffixes = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    cache = prefill_prefix(model, prefix, max_len=len(prefix) + 6 + 12)
+    with_prefix = generate(model, suffixes, max_new_tokens=12, prefix=cache)
+    without = [generate(model, [prefix + s], max_new_tokens=12)[0] for s in suffixes]
+    assert with_prefix == without
+    # sampled, seeded: the same seed gives the same tokens, with or without the cached prefix
+    a = generate(model, suffixes, max_new_tokens=12, prefix=cache, temperature=1.0, top_p=0.9, seed=3)
+    b = generate(model, [prefix + s for s in suffixes], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
+    assert a == b
+
+
+def test_stop_ids_and_stop_strings(tiny_model):
+    model, tok = tiny_model
+    free = generate(model, [[5, 6, 7]], max_new_tokens=12)[0]
+    stop = free[4]
+    cut = generate(model, [[5, 6, 7]], max_new_tokens=12, stop_ids=[stop])[0]
+    assert cut == free[:free.index(stop)]
+    text = tok.decode(free[:3])
+    by_string = generate(model, [[5, 6, 7]], max_new_tokens=12, stop_strings=[text], tokenizer=tok)[0]
+    assert by_string == free[:3]
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from model import sample_next
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(sample_next(logits, 1.0, 0.75, g)) for _ in range(300)}
+    assert seen == {0, 1}                       # 0.5 + 0.3 >= 0.75: tokens 2 and 3 never drawn
+    assert int(sample_next(logits, 0.0, 1.0)) == 0
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_checkpoints_give_one_clear_error(tmp_path):
+    save_tiny_llama(tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="not a Hugging Face checkpoint directory or a .gguf"):
+        load_model(tmp_path / "missing")
+    trunc = tmp_path / "trunc"
+    shutil.copytree(tmp_path / "ok", trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(trunc)
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "ok", other)
+    cfg = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(CheckpointError, match="not a Llama model"):
+        load_model(other)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tmp_path / "ok", wrong)
+    (wrong / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
+    with pytest.raises(CheckpointError, match=r"mlp.gate_proj.weight has shape \(128, 64\)"):
+        load_model(wrong)
+    (other / "model.safetensors").unlink()
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        load_model(other)
+
+
+def test_gguf_of_another_architecture_is_refused(tmp_path):
+    import gguf
+    import numpy as np
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    with pytest.raises(CheckpointError, match="architecture is 'gpt2'"):
+        load_model(path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="gpt2.gguf"):
+        load_model(path)
+
+
+def test_sequence_longer_than_context_is_refused(tiny_model):
+    model, _ = tiny_model
+    with pytest.raises(ValueError, match="longer than the context of 256"):
+        model(torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match="does not fit the context"):
+        generate(model, [[1] * 300], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------------------- the embedded SmolLM2
+REAL_CHAT = [{"role": "user", "content": "I need a long lasting 6.76 fl oz bottle of l'eau d'issey. "
+                                         "What should I search for in the shop, and why?"},
+             {"role": "assistant", "content": "Thought: I should search for the product. Action: search[l'eau d'issey]"},
+             {"role": "user", "content": "Observation: Page 1 (Total results: 50) [SEP] Next > [SEP] B000VOHH8I"}]
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_greedy_match_transformers(smollm, smollm_hf):
+    """Both read the same Q4_1 GGUF and dequantize it to the same fp32 weights, so the only difference
+    is summation order in fp32 matmuls over 30 layers: we observe ~1e-4 on logits of magnitude ~20,
+    and allow 2e-3 (1e-4 relative to the logit scale) — far below any token-level change."""
+    model, tok = smollm
+    hf, _ = smollm_hf
+    ids = tok.apply_chat(REAL_CHAT)[:64]
+    assert len(ids) == 64
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = model(x)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    prompt = tok.apply_chat(REAL_CHAT)
+    ours = generate(model, [prompt], max_new_tokens=32)[0]
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(prompt):]
+    assert ours == theirs.tolist()
+
+
+@pytest.mark.slow
+def test_smollm2_answers_sensibly(smollm):
+    model, tok = smollm
+    ids = tok.apply_chat([{"role": "user", "content": "What is the capital of France?"}])
+    out = generate(model, [ids], max_new_tokens=20, stop_ids=tok.stop_ids)[0]
+    assert "Paris" in tok.decode(out)
