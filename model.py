@@ -135,7 +135,7 @@ class Attention(nn.Module):
             cache.k[self.layer][:, :, start:end] = k
             cache.v[self.layer][:, :, start:end] = v
             k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]   # (B, KVH, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and cache is None and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -205,23 +205,18 @@ class Llama(nn.Module):
 
     @staticmethod
     def _attention_mask(real, cache, padded):
-        """(B, 1, T, S) bool: query t may see slot s if s holds a real token and comes no later.
-        None when plain causal attention (or, for one new token, full attention) is exact."""
+        """(B, 1, T, S) bool: the query in slot q may see slot s if s <= q and s holds a real token (a
+        padding query sees itself, so no row is empty). None when every slot is real and plain causal
+        attention is exact: a prefill from slot 0, or a single new token that sees everything."""
         B, T = real.shape
         past = cache.length if cache is not None else 0
+        slots = torch.arange(past + T, device=real.device)                   # (S,)
+        query_slots = slots[past:, None]                                      # (T, 1)
         if not padded and (cache is None or bool(cache.valid[:, :past].all())):
-            if cache is None or past == 0 and T > 1:
-                return None if cache is None else _causal(T, T, 0, real.device)[None, None]
-            return None if T == 1 else _causal(T, past + T, past, real.device)[None, None]
-        valid = real if cache is None else torch.cat((cache.valid[:, :past], real), 1)  # (B, S)
-        mask = valid[:, None, :] & _causal(T, past + T, past, real.device)[None]        # (B, T, S)
-        mask |= torch.eye(T, past + T, past, dtype=torch.bool, device=real.device)[None]  # a pad query sees itself
+            return None if past == 0 or T == 1 else (slots <= query_slots)[None, None]
+        valid = real if cache is None else torch.cat((cache.valid[:, :past], real), 1)   # (B, S)
+        mask = (valid[:, None, :] & (slots <= query_slots)) | (slots == query_slots)      # (B, T, S)
         return mask[:, None]
-
-
-def _causal(T, S, past, device):
-    """(T, S) bool: new token t sits in slot past + t and sees slots 0..past + t."""
-    return torch.arange(S, device=device)[None, :] <= torch.arange(past, past + T, device=device)[:, None]
 
 
 # ----------------------------------------------------------------------------- generation
