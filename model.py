@@ -361,18 +361,22 @@ def _fill_model(args, read, names, path, dtype, device, quantize):
     if missing:
         raise CheckpointError(f"{path}: missing {len(missing)} tensors, e.g. {missing[:3]}")
     layer_of = lambda n: int(n.split(".")[1]) if n.startswith("layers.") else -1
-    for name in sorted(needed, key=layer_of):
-        module_name, _, pname = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        tensor = read(name)
-        expected = tuple(getattr(module, pname).shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
-                                  f"but the config says {expected}")
-        setattr(module, pname, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
-        if quantize and name.endswith("mlp.down_proj.weight"):  # the last tensor of a block: quantize it
+    by_layer = {}
+    for name in needed:
+        by_layer.setdefault(layer_of(name), []).append(name)
+    for layer, layer_names in sorted(by_layer.items()):      # one block at a time
+        for name in layer_names:
+            module_name, _, pname = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            tensor = read(name)
+            expected = tuple(getattr(module, pname).shape)
+            if tuple(tensor.shape) != expected:
+                raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                      f"but the config says {expected}")
+            setattr(module, pname, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        if quantize == "nf4" and layer >= 0:  # 4-bit before the next block is read: peak memory ~ one block
             from quant import quantize_linears
-            quantize_linears(model.layers[layer_of(name)])
+            quantize_linears(model.layers[layer])
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     inv_freq = rope_frequencies(args)
