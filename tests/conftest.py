@@ -39,7 +39,7 @@ def save_tiny_llama(directory: Path, *, rope_scaling=None, tie=False, seed=0, **
     directory.mkdir(parents=True, exist_ok=True)
     vocab = tiny_tokenizer_files(directory)
     kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
               tie_word_embeddings=tie)
     kw.update(overrides)
     config = LlamaConfig(**kw)

@@ -40,7 +40,7 @@ def test_llama3_rope_scaling_matches(tmp_path):
     (plain / "config.json").write_text(json.dumps(cfg))
     a, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
     b, _ = load_model(plain, dtype=torch.float32, device="cpu")
-    x = torch.arange(100)[None] % 200
+    x = torch.arange(100)[None] % 200  # positions past original_max_position_embeddings (32)
     assert (a(x) - b(x)).abs().max() > 1e-3
 
 
@@ -177,10 +177,10 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
 
 def test_sequence_longer_than_context_is_refused(tiny_model):
     model, _ = tiny_model
-    with pytest.raises(ValueError, match="longer than the context of 256"):
-        model(torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match="longer than the context of 1024"):
+        model(torch.zeros(1, 1100, dtype=torch.long))
     with pytest.raises(ValueError, match="does not fit the context"):
-        generate(model, [[1] * 300], max_new_tokens=2)
+        generate(model, [[1] * 1100], max_new_tokens=2)
 
 
 # ----------------------------------------------------------------------------- the embedded SmolLM2

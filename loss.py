@@ -1,0 +1,142 @@
+"""Training samples and losses of GenPI (paper section 4, appendix C.4) and of its baselines/ablations.
+
+Each synthetic record (synth.py) holds a pseudo input x, a role-play conversation, the student's
+AS-IS output y_S (no prompt), the teacher's TO-BE output y_T (with prompt) and a reason r.
+
+- SFT  (sequence-level KD): the conversation WITHOUT the prompt; user turns masked, every agent turn
+  and its end-of-turn token trained.                                   L_SFT = -log P(y_conv | x)
+- PG   (prompt generation): user turn = instruction + x + y_S + y_T (masked); target = p then r.
+                                                                       L_PG  = -log P(p, r | x, y_S, y_T)
+- joint: L = (1 - λ)·L_PG + λ·L_SFT, two forward passes, each a token-mean cross-entropy (λ = 0.7).
+- baselines: prompt prepending (SFT with p in the input, always or half the time), token-level KLD to
+  the teacher (same base, adapter off, prompt given), SeqKD (SFT on single-turn teacher outputs).
+- ablations: PG targets `prompt` P(p|x,y), `reason` P(r|x,y), `reason_given_prompt` P(r|p,x,y),
+  `prompt_given_reason` P(p|x,y,r).
+"""
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # label of a token that is not trained
+
+PG_INSTRUCTION = ("When some context and an input were given together, the bad output below changed into the "
+                  "good output. Guess the context, then explain why the output changed.")
+PG_TARGETS = ("prompt+reason", "prompt", "reason", "reason_given_prompt", "prompt_given_reason")
+METHODS = ("genpi", "sft", "prepend", "prepend50", "kld", "seqkd", "seqkd_kld")
+
+
+@dataclass
+class Sample:
+    ids: list[int]
+    labels: list[int]        # IGNORE where not trained; else the token itself (shifted in the loss)
+
+
+def chat_sample(tok, messages, train_from: int = 0) -> Sample:
+    """Token ids of a chat, trained on the assistant messages at index >= `train_from` (content and
+    end-of-turn token); everything else (system, user turns, earlier shots) is masked."""
+    ids, spans = tok.apply_chat(messages, add_generation_prompt=False, return_spans=True)
+    labels = [IGNORE] * len(ids)
+    for i, (m, (a, b)) in enumerate(zip(messages, spans)):
+        if m["role"] == "assistant" and i >= train_from:
+            labels[a:b] = ids[a:b]
+    return Sample(ids, labels)
+
+
+def sft_sample(tok, record, prompt=None) -> Sample:
+    """The role-play conversation, optionally with the prompt's turns in front (prompt prepending)."""
+    history = list(prompt.turns) if prompt is not None else []
+    return chat_sample(tok, history + record["conversation"], train_from=len(history))
+
+
+def seqkd_sample(tok, record, prompt=None) -> Sample:
+    """Single turn: the user input and the teacher's (with-prompt) output y_T."""
+    history = list(prompt.turns) if prompt is not None else []
+    messages = history + [record["conversation"][0], {"role": "assistant", "content": record["teacher_output"]}]
+    return chat_sample(tok, messages, train_from=len(history))
+
+
+def pg_sample(tok, record, prompt, target: str = "prompt+reason") -> Sample:
+    """Prompt generation: the masked user turn shows x, y_S and y_T; the target is p and/or r."""
+    if target not in PG_TARGETS:
+        raise ValueError(f"--pg-target must be one of {', '.join(PG_TARGETS)}, not {target!r}")
+    p, r = prompt.text, record["reason"]
+    shown = [PG_INSTRUCTION, f"Input:\n{record['input']}", f"Bad Output:\n{record['student_output']}",
+             f"Good Output:\n{record['teacher_output']}"]
+    if target == "reason_given_prompt":
+        shown.insert(1, f"Context:\n{p}")
+    if target == "prompt_given_reason":
+        shown.append(f"Reason:\n{r}")
+    answer = {"prompt+reason": f"Context:\n{p}\n\nReason:\n{r}", "prompt": f"Context:\n{p}",
+              "reason": f"Reason:\n{r}", "reason_given_prompt": f"Reason:\n{r}",
+              "prompt_given_reason": f"Context:\n{p}"}[target]
+    return chat_sample(tok, [{"role": "user", "content": "\n\n".join(shown)},
+                             {"role": "assistant", "content": answer}])
+
+
+def build_samples(tok, records, prompt, method: str, pg_target: str, max_len: int, seed: int = 0):
+    """-> (sft_samples, pg_samples, teacher_samples, report). Samples longer than `max_len` are dropped
+    (never truncated: a cut PG target would never train the reason and end token) and counted."""
+    if method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
+    rng = random.Random(seed)
+    sft, pg, teacher = [], [], []
+    for rec in records:
+        if method in ("seqkd", "seqkd_kld", "kld"):
+            sft.append(seqkd_sample(tok, rec))
+            teacher.append(seqkd_sample(tok, rec, prompt) if method != "seqkd" else None)
+        elif method in ("prepend", "prepend50"):
+            with_prompt = method == "prepend" or rng.random() < 0.5
+            sft.append(sft_sample(tok, rec, prompt if with_prompt else None))
+        else:
+            sft.append(sft_sample(tok, rec))
+        pg.append(pg_sample(tok, rec, prompt, pg_target) if method == "genpi" else None)
+    keep = [i for i in range(len(records))
+            if len(sft[i].ids) <= max_len and (pg[i] is None or len(pg[i].ids) <= max_len)
+            and (not teacher or teacher[i] is None or len(teacher[i].ids) <= max_len)]
+    report = {"records": len(records), "kept": len(keep), "dropped_over_max_len": len(records) - len(keep),
+              "max_len": max_len}
+    pick = lambda xs: [xs[i] for i in keep] if xs and any(x is not None for x in xs) else []
+    return pick(sft), pick(pg), pick(teacher), report
+
+
+def collate(samples, pad_id: int, device="cpu"):
+    """Right-pad a list of samples -> tokens (B, T), labels (B, T) with IGNORE on padding."""
+    T = max(len(s.ids) for s in samples)
+    tokens = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+    for i, s in enumerate(samples):
+        tokens[i, :len(s.ids)] = torch.tensor(s.ids)
+        labels[i, :len(s.labels)] = torch.tensor(s.labels)
+    return tokens.to(device), labels.to(device)
+
+
+def token_ce(logits, labels):
+    """Token-mean cross-entropy: logits (B, T, V) predict labels shifted by one (B, T)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def lm_loss(model, tokens, labels):
+    return token_ce(model(tokens), labels)
+
+
+def joint_loss(pg_loss, sft_loss, lam: float):
+    """GenPI: L = (1 - λ)·L_PG + λ·L_SFT."""
+    return (1 - lam) * pg_loss + lam * sft_loss
+
+
+def trained_logits(logits, labels):
+    """The logits that predict trained tokens, in order: (N, V)."""
+    keep = labels[:, 1:] != IGNORE                                  # (B, T-1)
+    return logits[:, :-1][keep]
+
+
+def kld_loss(student_logits, student_labels, teacher_logits, teacher_labels):
+    """Token-level KL(teacher || student) over the agent tokens. The student sees the conversation
+    without the prompt, the teacher with it; their trained tokens are the same text, so they align."""
+    s = trained_logits(student_logits, student_labels).float()     # (N, V)
+    t = trained_logits(teacher_logits, teacher_labels).float()     # (N, V)
+    if s.shape != t.shape:
+        raise ValueError(f"student and teacher trained tokens differ: {tuple(s.shape)} vs {tuple(t.shape)}")
+    return F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
