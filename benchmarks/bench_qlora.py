@@ -1,0 +1,89 @@
+"""Benchmark: one QLoRA training step (paper Section 4, Appendix C.4) of this project against transformers + PEFT.
+
+Ours: `load_model(quantize="nf4")` (every block linear NF4 with double quantization) plus `lora.add_lora`
+(r=16, alpha=32, dropout 0.05 on q/k/v/o/gate/up/down). Reference: transformers' LlamaForCausalLM read from
+the same SmolLM2 GGUF, with PEFT LoRA of the same config over the full-precision (not quantized) weights.
+One step = forward + next-token cross-entropy + backward + AdamW (lr 1e-4) on the LoRA parameters, for a
+batch of --batch x --seq-len random token ids. Both sides compute in the same dtype, `model.default_dtype`
+(fp32 on CPUs without native bf16 matmul). After one warm-up step, the median of --steps steps.
+
+    python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
+from model import default_dtype, embedded_model_path, load_model  # noqa: E402
+
+
+def step_time(forward, params, tokens, steps):
+    """Median seconds of forward + loss + backward + AdamW step, after one warm-up step."""
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        logits = forward(tokens)                                                   # (B, T, vocab)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i > 0:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_ours(tokens, steps, dtype):
+    model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
+    add_lora(model, LoRAConfig()).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return step_time(model, params, tokens, steps), count_trainable(model)
+
+
+def bench_peft(tokens, steps, dtype):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    path = embedded_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    cfg = LoRAConfig()
+    pm = get_peft_model(hf, LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
+                                       target_modules=list(cfg.targets), task_type="CAUSAL_LM")).train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in pm.parameters())
+    return step_time(lambda x: pm(input_ids=x).logits, params, tokens, steps), (trainable, total)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = default_dtype("cpu")
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 49152, (args.batch, args.seq_len))                   # (B, T) SmolLM2 vocab
+    n = tokens.numel()
+    print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
+          f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after 1 warm-up")
+    ours, (o_train, o_total) = bench_ours(tokens, args.steps, dtype)
+    print(f"  ours done: {ours:.2f} s/step")
+    ref, (r_train, r_total) = bench_peft(tokens, args.steps, dtype)
+    print(f"  transformers + peft done: {ref:.2f} s/step\n")
+    print(f"| {'implementation':<40} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
+    print(f"|{'-' * 42}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
+    for name, s, tr, tot in [("ours: NF4 base + LoRA (QLoRA)", ours, o_train, o_total),
+                             ("transformers + peft: LoRA, dense base", ref, r_train, r_total)]:
+        print(f"| {name:<40} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
+    print(f"\nours / transformers+peft throughput: {ref / ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

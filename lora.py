@@ -1,0 +1,313 @@
+"""LoRA adapters over a frozen (optionally NF4) base model, from scratch: QLoRA (paper Section 4, Appendix C.4).
+
+The student of GenPI is the base model plus a prompt-specific low-rank adapter; the teacher is the same
+model with the adapter switched off. Every linear of every block (q, k, v, o, gate, up, down; not the LM
+head) becomes `y = W x + (B A dropout(x)) * alpha / r` with W frozen, A (r, in) kaiming-uniform and
+B (out, r) zero, so training starts at the base model. Paper settings: r = 16, alpha = 32, dropout 0.05,
+no bias; about 0.5% extra parameters on Llama-3-8B.
+
+Adapters are saved in the Hugging Face PEFT layout (`adapter_config.json` + `adapter_model.safetensors`),
+so `peft.PeftModel.from_pretrained` reads ours and `load_adapter` reads PEFT's. A wrapped layer keeps
+the base as `.base` and the factors as `.lora_A` / `.lora_B` (bias-free nn.Linear), so our state-dict
+key `layers.0.self_attn.q_proj.lora_A.weight` is PEFT's `base_model.model.model.` + the same key.
+LoRA weights are kept in fp32 (like PEFT's default `autocast_adapter_dtype`), whatever the base dtype.
+
+    model, tok = load_model(quantize="nf4")
+    add_lora(model, LoRAConfig())               # freezes the base, trains only A and B
+    with adapter_disabled(model): ...           # the teacher
+    save_adapter(model, "runs/os/adapter", LoRAConfig())
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quant import LINEAR_NAMES, Linear4bit
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model.model."  # PeftModel -> LlamaForCausalLM -> LlamaModel, whose children are ours
+SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be saved or loaded; the message names the file and the problem."""
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    targets: tuple = LINEAR_NAMES  # attribute names of the block linears to adapt
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        unknown = [t for t in self.targets if t not in LINEAR_NAMES]
+        if not self.targets or unknown:
+            raise ValueError(f"LoRA targets must be a non-empty subset of {LINEAR_NAMES}, got {self.targets!r}")
+        self.targets = tuple(t for t in LINEAR_NAMES if t in self.targets)  # one canonical order
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+# ----------------------------------------------------------------------------- the layer
+class LoRALinear(nn.Module):
+    """A frozen base linear (nn.Linear or NF4 Linear4bit) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Module, cfg: LoRAConfig):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        device = next(base.buffers() if isinstance(base, Linear4bit) else base.parameters()).device
+        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and nn.Linear
+        nn.init.zeros_(self.lora_B.weight)                             # delta W = B A = 0 at the start
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.scale = cfg.scale
+        self.enabled, self.merged = True, False
+
+    def forward(self, x):                                                     # x: (..., in)
+        out = self.base(x)                                                    # (..., out)
+        if not self.enabled or self.merged:
+            return out
+        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))         # (..., r)
+        return out + (self.lora_B(h) * self.scale).to(out.dtype)              # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scale          # (out, r) @ (r, in)
+
+    def merge(self):
+        """W += B A * alpha / r, so the forward costs no more than the base. Not for an NF4 base:
+        re-quantizing W + BA would round the update away (PEFT does it with a warning); merge into a
+        full-precision copy instead (load_model without quantize, load_adapter, merge_lora)."""
+        if isinstance(self.base, Linear4bit):
+            raise ValueError("cannot merge LoRA into an NF4 (Linear4bit) base: load the model without "
+                             "quantize='nf4', load_adapter, then merge")
+        if not self.merged:
+            with torch.no_grad():
+                self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    def unmerge(self):
+        """W -= B A * alpha / r (exact up to rounding: ~1e-7 relative in fp32, coarser in bf16)."""
+        if self.merged:
+            with torch.no_grad():
+                self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.lora_A.out_features}, scale={self.scale:g}"
+
+
+# ----------------------------------------------------------------------------- whole-model operations
+def _block_linears(model, targets):
+    """[(name, parent, attr, module)] for the target linears inside model.layers, e.g.
+    ("layers.0.self_attn.q_proj", <Attention>, "q_proj", <nn.Linear>)."""
+    found = []
+    for i, block in enumerate(model.layers):
+        for path, parent in block.named_modules():
+            for attr, child in parent.named_children():
+                if attr in targets and isinstance(child, (nn.Linear, Linear4bit, LoRALinear)):
+                    found.append((f"layers.{i}.{path + '.' if path else ''}{attr}", parent, attr, child))
+    return found
+
+
+def lora_layers(model) -> dict:
+    """{name: LoRALinear} of the model, e.g. "layers.0.self_attn.q_proj"."""
+    return {name: m for name, _, _, m in _block_linears(model, LINEAR_NAMES) if isinstance(m, LoRALinear)}
+
+
+def add_lora(model, cfg: LoRAConfig | None = None):
+    """Freeze every parameter of the model and wrap its target block linears in LoRALinear (in place)."""
+    cfg = cfg or LoRAConfig()
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; load_adapter replaces their weights")
+    model.requires_grad_(False)
+    for _, parent, attr, child in _block_linears(model, cfg.targets):
+        setattr(parent, attr, LoRALinear(child, cfg).train(model.training))  # an eval model stays in eval
+    return model
+
+
+def set_adapter_enabled(model, enabled: bool):
+    """Switch every LoRA layer on or off (off = exactly the base model: the GenPI teacher)."""
+    layers = lora_layers(model).values()
+    if not enabled and any(m.merged for m in layers):
+        raise ValueError("the adapter is merged into the weights; unmerge_lora(model) before disabling it")
+    for m in layers:
+        m.enabled = enabled
+
+
+@contextlib.contextmanager
+def adapter_disabled(model):
+    """`with adapter_disabled(model):` runs the base model (the teacher), then turns the adapter back on."""
+    set_adapter_enabled(model, False)
+    try:
+        yield model
+    finally:
+        set_adapter_enabled(model, True)
+
+
+def merge_lora(model):
+    for m in lora_layers(model).values():
+        m.merge()
+    return model
+
+
+def unmerge_lora(model):
+    for m in lora_layers(model).values():
+        m.unmerge()
+    return model
+
+
+def count_trainable(model) -> tuple[int, int]:
+    """(trainable, total) parameters; an NF4 weight counts as its in x out parameters."""
+    params = list(model.parameters())  # shared (tied) tensors once
+    nf4 = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
+
+
+# ----------------------------------------------------------------------------- adapter files (PEFT layout)
+def base_identity(model) -> dict:
+    """Name and shape fingerprint of the base model an adapter belongs to."""
+    shape = {f: getattr(model.args, f) for f in SHAPE_FIELDS}
+    digest = hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()
+    return {"genpi_base_name": str(model.args.name), "genpi_base_sha256": digest,
+            "genpi_base_shape": json.dumps(shape, sort_keys=True)}
+
+
+def peft_config(cfg: LoRAConfig, base_name: str) -> dict:
+    """adapter_config.json as PEFT's LoraConfig writes it (PEFT fills every other field with its default)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+            "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.targets), "bias": "none",
+            "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "lora_bias": False,
+            "modules_to_save": None, "init_lora_weights": True, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def save_adapter(model, directory, cfg: LoRAConfig, base_name: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT keys, base identity in the metadata).
+    Atomic: both files go into a temp dir next to `directory`, which then replaces it whole (so the
+    directory must hold only an adapter). An interrupted save never leaves a half-written adapter: the old
+    one stays (at worst, killed between the two renames, in a hidden `.NAME.old.*` folder beside it)."""
+    directory = Path(directory)
+    layers = lora_layers(model)
+    if not layers:
+        raise AdapterError(f"{directory}: the model has no LoRA layers to save")
+    if directory.exists():
+        extra = {p.name for p in directory.iterdir()} - {CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+        if not directory.is_dir() or extra:
+            raise AdapterError(f"{directory}: exists and is not an adapter directory ({sorted(extra)[:3]}); "
+                               "it would be replaced whole")
+    tensors = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": getattr(m, f"lora_{ab}").weight.detach().contiguous().cpu()
+               for name, m in layers.items() for ab in "AB"}
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config(cfg, base_name or model.args.name), indent=2))
+        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", **base_identity(model)})
+        if directory.exists():  # a directory cannot be os.replace'd over a non-empty one: swap
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / "adapter")
+            os.replace(tmp, directory)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_config(directory) -> LoRAConfig:
+    """LoRAConfig from a PEFT adapter_config.json; refuses LoRA variants this module does not implement."""
+    path = Path(directory) / CONFIG_FILE
+    try:
+        c = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: cannot read the adapter config ({e})") from None
+    unsupported = {"peft_type": "LORA", "bias": "none", "use_rslora": False, "use_dora": False, "lora_bias": False,
+                   "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+                   "rank_pattern": {}, "alpha_pattern": {}}
+    for key, plain in unsupported.items():
+        if c.get(key) not in (plain, None):
+            raise AdapterError(f"{path}: {key}={c[key]!r} is not supported (only plain LoRA: {key}={plain!r})")
+    targets = c.get("target_modules")
+    if not isinstance(targets, list):
+        raise AdapterError(f"{path}: target_modules must be a list of names, got {targets!r}")
+    try:
+        return LoRAConfig(r=c.get("r"), alpha=c.get("lora_alpha"), dropout=c.get("lora_dropout", 0.0),
+                          targets=tuple(targets))
+    except ValueError as e:
+        raise AdapterError(f"{path}: {e}") from None
+
+
+def _read_weights(path: Path):
+    """-> ({key: tensor}, metadata) of a safetensors file."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:
+        raise AdapterError(f"{path}: not a readable safetensors file, it may be truncated ({e})") from None
+
+
+def load_adapter(model, directory, check_base: bool = True) -> LoRAConfig:
+    """Load a PEFT-layout LoRA adapter (ours or PEFT's) into the model, adding LoRA layers if it has none.
+    Checks the base identity when the file carries one (ours; `check_base=False` skips the name/shape
+    fingerprint), and always every key and shape. Returns the adapter's LoRAConfig."""
+    directory = Path(directory)
+    cfg = read_config(directory)
+    path = directory / WEIGHTS_FILE
+    tensors, meta = _read_weights(path)
+    mine = base_identity(model)
+    if check_base and "genpi_base_sha256" in meta and any(meta.get(k) != v for k, v in mine.items()):
+        same_shape = meta["genpi_base_sha256"] == mine["genpi_base_sha256"]
+        raise AdapterError(f"{path}: adapter for base model {meta.get('genpi_base_name')!r} "
+                           f"{meta.get('genpi_base_shape')}, but this model is {mine['genpi_base_name']!r} "
+                           f"{mine['genpi_base_shape']}" + ("; same shapes, so check_base=False would load it"
+                                                            if same_shape else ""))
+    expected = {f"{PEFT_PREFIX}{name}.lora_{ab}.weight": shape
+                for name, _, _, m in _block_linears(model, cfg.targets)
+                for ab, shape in (("A", (cfg.r, m.in_features)), ("B", (m.out_features, cfg.r)))}
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    if missing or unexpected:
+        raise AdapterError(f"{path}: does not fit this model: {len(missing)} missing tensors {missing[:2]}, "
+                           f"{len(unexpected)} unexpected {unexpected[:2]}")
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            raise AdapterError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, this model needs {shape}")
+    layers = lora_layers(model)
+    if not layers:
+        layers = lora_layers(add_lora(model, cfg))
+    have = {f"{PEFT_PREFIX}{n}.lora_{ab}.weight": tuple(getattr(m, f"lora_{ab}").weight.shape)
+            for n, m in layers.items() for ab in "AB"}
+    if have != expected:
+        raise AdapterError(f"{path}: the model already has a different LoRA (rank or targets); "
+                           f"load into a model without LoRA")
+    if any(m.merged for m in layers.values()):
+        raise AdapterError(f"{path}: the model's adapter is merged; unmerge_lora(model) first")
+    with torch.no_grad():
+        for name, m in layers.items():
+            m.lora_A.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+            m.lora_B.weight.copy_(tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            m.scale, m.dropout.p = cfg.scale, cfg.dropout
+    return cfg

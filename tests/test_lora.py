@@ -1,0 +1,286 @@
+"""lora.py against PEFT: adapters cross-loaded both ways with equal logits, merge/unmerge, QLoRA over NF4, bad files."""
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+
+from conftest import save_tiny_llama
+from lora import (AdapterError, LoRAConfig, LoRALinear, adapter_disabled, add_lora, count_trainable, load_adapter,
+                  lora_layers, merge_lora, save_adapter, unmerge_lora)
+from model import CONFIGS, Llama, load_model
+
+peft = pytest.importorskip("peft")
+PAPER = dict(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def tiny(directory, **overrides):
+    """(transformers model, our model) of one random tiny checkpoint, both fp32, eval mode."""
+    hf = save_tiny_llama(directory, **overrides)
+    ours, _ = load_model(directory, dtype=torch.float32, device="cpu")
+    return hf, ours
+
+
+def tokens(vocab, T=24, seed=1):
+    return torch.randint(0, vocab, (2, T), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_B(named_weights, seed=0, std=0.05):
+    """Give the zero-initialized B factors random values, so the adapter changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, w in sorted(named_weights):
+            w.copy_(torch.randn(w.shape, generator=g) * std)
+
+
+def our_Bs(model):
+    return [(n, m.lora_B.weight) for n, m in lora_layers(model).items()]
+
+
+def peft_Bs(peft_model):
+    return [(n, p) for n, p in peft_model.named_parameters() if "lora_B" in n]
+
+
+@torch.no_grad()
+def logits(model, x):
+    out = model(x)
+    return out if torch.is_tensor(out) else out.logits
+
+
+# ----------------------------------------------------------------------------- config and layer
+def test_config_defaults_are_the_papers_and_bad_values_fail():
+    cfg = LoRAConfig()
+    assert (cfg.r, cfg.alpha, cfg.dropout, cfg.scale) == (16, 32, 0.05, 2.0)
+    assert set(cfg.targets) == set(PAPER["target_modules"]) and "lm_head" not in cfg.targets
+    for bad, field in [(dict(r=0), "rank"), (dict(r=-4), "rank"), (dict(r=1.5), "rank"), (dict(alpha=0), "alpha"),
+                       (dict(alpha=-32), "alpha"), (dict(dropout=1.0), "dropout"), (dict(dropout=-0.1), "dropout"),
+                       (dict(targets=("lm_head",)), "targets"), (dict(targets=()), "targets")]:
+        with pytest.raises(ValueError, match=field):
+            LoRAConfig(**bad)
+
+
+def test_layer_is_base_plus_scaled_low_rank_update():
+    base = torch.nn.Linear(32, 24, bias=True)
+    layer = LoRALinear(base, LoRAConfig(r=4, alpha=8, dropout=0.0))
+    x = torch.randn(3, 5, 32)
+    assert torch.equal(layer(x), base(x))                                   # B = 0 at the start
+    assert layer.lora_A.weight.abs().max() <= 1 / 32 ** 0.5                  # kaiming-uniform(a=sqrt 5) bound
+    randomize_B([("B", layer.lora_B.weight)])
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    torch.testing.assert_close(layer(x), base(x) + x @ A.T @ B.T * (8 / 4), atol=1e-6, rtol=0)
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+
+
+def test_initialization_matches_peft(tmp_path):
+    hf, ours = tiny(tmp_path)
+    torch.manual_seed(7)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(**PAPER))
+    torch.manual_seed(7)
+    add_lora(ours, LoRAConfig())
+    theirs = {n.removeprefix("base_model.model.model.").replace(".default", ""): p for n, p in pm.named_parameters()
+              if "lora_" in n}
+    mine = {n: p for n, p in ours.named_parameters() if p.requires_grad}
+    assert theirs.keys() == mine.keys() and len(mine) == 2 * 7 * 2
+    assert all(torch.equal(theirs[n], mine[n]) for n in mine)
+
+
+def test_count_trainable_llama3_8b_and_smollm2():
+    for name, lora, total in [("llama3-8b", 41_943_040, 8_030_261_248), ("smollm2-135m", 4_884_480, 134_515_008)]:
+        with torch.device("meta"):
+            model = add_lora(Llama(CONFIGS[name]), LoRAConfig())
+        assert count_trainable(model) == (lora, total + lora)
+    assert abs(41_943_040 / (8_030_261_248 + 41_943_040) - 0.0052) < 1e-4   # the paper's "0.5%"
+
+
+# ----------------------------------------------------------------------------- cross-loading with PEFT
+def check_peft_loads_ours(directory, hf, ours, vocab, T=24, atol=2e-4):
+    add_lora(ours, LoRAConfig())
+    randomize_B(our_Bs(ours))
+    save_adapter(ours, directory / "adapter", LoRAConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. PEFT's "Unexpected keyword arguments"
+        pm = peft.PeftModel.from_pretrained(hf, directory / "adapter").eval()
+    x = tokens(vocab, T)
+    expected, got = logits(pm, x), logits(ours, x)
+    with pm.disable_adapter():
+        base = logits(pm, x)
+    assert (expected - base).abs().max() > 1e-2                              # the adapter matters
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+def test_peft_loads_our_adapter(tmp_path):
+    hf, ours = tiny(tmp_path / "base")
+    check_peft_loads_ours(tmp_path, hf, ours, hf.config.vocab_size)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"], saved["peft_type"]) == (16, 32, 0.05, "LORA")
+
+
+@pytest.mark.slow
+def test_peft_loads_our_adapter_smollm2(tmp_path, smollm, smollm_hf):
+    ours, hf = copy.deepcopy(smollm[0]), copy.deepcopy(smollm_hf[0])  # the session fixtures stay unadapted
+    check_peft_loads_ours(tmp_path, hf, ours, hf.config.vocab_size, T=16, atol=2e-3)  # as test_model
+
+
+def test_we_load_peft_adapter(tmp_path):
+    hf, ours = tiny(tmp_path / "base")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(**PAPER))
+    randomize_B(peft_Bs(pm), seed=3)
+    pm.save_pretrained(tmp_path / "peft_adapter")
+    pm.eval()
+    cfg = load_adapter(ours, tmp_path / "peft_adapter")
+    assert cfg == LoRAConfig()
+    x = tokens(hf.config.vocab_size)
+    torch.testing.assert_close(logits(ours, x), logits(pm, x), atol=2e-4, rtol=0)
+    assert count_trainable(ours)[0] == sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+
+
+def test_save_load_roundtrip_into_a_fresh_model(tmp_path):
+    _, ours = tiny(tmp_path / "base")
+    add_lora(ours, LoRAConfig(r=4, alpha=16, dropout=0.1, targets=("q_proj", "v_proj")))
+    randomize_B(our_Bs(ours))
+    save_adapter(ours, tmp_path / "a", LoRAConfig(r=4, alpha=16, dropout=0.1, targets=("q_proj", "v_proj")))
+    fresh, _ = load_model(tmp_path / "base", dtype=torch.float32, device="cpu")
+    cfg = load_adapter(fresh, tmp_path / "a")
+    assert (cfg.r, cfg.alpha, cfg.dropout, set(cfg.targets)) == (4, 16, 0.1, {"q_proj", "v_proj"})
+    assert len(lora_layers(fresh)) == 2 * 2
+    x = tokens(ours.args.vocab_size)
+    assert torch.equal(logits(fresh, x), logits(ours, x))
+
+
+# ----------------------------------------------------------------------------- merge, disable
+def test_merge_unmerge_and_disable(tmp_path):
+    _, model = tiny(tmp_path)
+    x = tokens(model.args.vocab_size)
+    base_logits = logits(model, x)
+    add_lora(model, LoRAConfig())
+    randomize_B(our_Bs(model))
+    adapted = logits(model, x)
+    assert (adapted - base_logits).abs().max() > 1e-2
+    with adapter_disabled(model):
+        assert torch.equal(logits(model, x), base_logits)                    # the teacher: exactly the base
+    assert torch.equal(logits(model, x), adapted)                            # back on after the block
+    weights = {n: m.base.weight.clone() for n, m in lora_layers(model).items()}
+    merge_lora(model)
+    assert all(not torch.equal(m.base.weight, weights[n]) for n, m in lora_layers(model).items())
+    torch.testing.assert_close(logits(model, x), adapted, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unmerge"):
+        with adapter_disabled(model):
+            pass
+    unmerge_lora(model)
+    for n, m in lora_layers(model).items():
+        torch.testing.assert_close(m.base.weight, weights[n], atol=1e-7, rtol=1e-6)
+    with adapter_disabled(model):                                            # W + d - d: rounding only
+        torch.testing.assert_close(logits(model, x), base_logits, atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- QLoRA: NF4 base
+def test_qlora_over_nf4_trains_only_lora(tmp_path):
+    save_tiny_llama(tmp_path)
+    model, _ = load_model(tmp_path, dtype=torch.float32, device="cpu", quantize="nf4")
+    add_lora(model, LoRAConfig()).train()
+    frozen = {n: b.clone() for n, b in model.named_buffers()}
+    x = tokens(model.args.vocab_size)
+    for step in range(2):  # step 0: B = 0 so only B gets gradient; step 1: both
+        model.zero_grad()
+        out = model(x)
+        torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), x[:, 1:].flatten()).backward()
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                assert p.grad is not None and (p.grad.abs().sum() > 0) == ("lora_B" in name or step == 1), name
+            else:
+                assert not p.requires_grad and p.grad is None, name
+        randomize_B(our_Bs(model))
+    assert all(torch.equal(b, frozen[n]) for n, b in model.named_buffers())
+    trainable, total = count_trainable(model)
+    assert trainable == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) and total > trainable
+    with pytest.raises(ValueError, match="NF4"):
+        merge_lora(model)
+    save_adapter(model, tmp_path / "adapter", LoRAConfig())                  # a QLoRA adapter serves the dense model
+    dense, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    load_adapter(dense, tmp_path / "adapter")
+
+
+# ----------------------------------------------------------------------------- bad inputs, atomic save
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny model with a saved adapter: (model dir, adapter dir)."""
+    _, model = tiny(tmp_path / "base")
+    add_lora(model, LoRAConfig())
+    randomize_B(our_Bs(model))
+    return tmp_path / "base", save_adapter(model, tmp_path / "adapter", LoRAConfig())
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, saved):
+    _, adapter = saved
+    _, same_shape = tiny(tmp_path / "other", seed=5)                         # another model of the same shape
+    with pytest.raises(AdapterError, match="adapter for base model") as e:
+        load_adapter(same_shape, adapter)
+    assert str(adapter / "adapter_model.safetensors") in str(e.value) and not lora_layers(same_shape)
+    load_adapter(same_shape, adapter, check_base=False)                      # shapes fit: allowed when asked
+    _, wider = tiny(tmp_path / "wider", intermediate_size=96)
+    with pytest.raises(AdapterError, match="hidden_dim"):
+        load_adapter(wider, adapter)
+
+
+def test_peft_adapter_with_wrong_shapes_or_missing_keys_is_refused(tmp_path):
+    hf, _ = tiny(tmp_path / "base", intermediate_size=96)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(**PAPER))
+    pm.save_pretrained(tmp_path / "peft_adapter")
+    _, ours = tiny(tmp_path / "other")                                       # intermediate_size 128
+    weights = tmp_path / "peft_adapter" / "adapter_model.safetensors"
+    with pytest.raises(AdapterError, match="has shape") as e:
+        load_adapter(ours, tmp_path / "peft_adapter")
+    assert str(weights) in str(e.value) and not lora_layers(ours)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(weights)
+    del tensors[sorted(tensors)[0]]
+    save_file(tensors, weights)
+    with pytest.raises(AdapterError, match="1 missing"):
+        load_adapter(ours, tmp_path / "peft_adapter")
+
+
+def test_corrupt_files_and_bad_config_are_refused(tmp_path, saved):
+    base, adapter = saved
+    model, _ = load_model(base, dtype=torch.float32, device="cpu")
+    config, weights = adapter / "adapter_config.json", adapter / "adapter_model.safetensors"
+    good_config = config.read_text()
+    for change, pattern in [(dict(r=0), "rank"), (dict(lora_alpha=-32), "alpha"), (dict(use_dora=True), "use_dora"),
+                            (dict(target_modules="all-linear"), "target_modules")]:
+        config.write_text(json.dumps({**json.loads(good_config), **change}))
+        with pytest.raises(AdapterError, match=pattern) as e:
+            load_adapter(model, adapter)
+        assert str(config) in str(e.value)
+    config.write_text("{not json")
+    with pytest.raises(AdapterError, match="cannot read"):
+        load_adapter(model, adapter)
+    config.write_text(good_config)
+    weights.write_bytes(weights.read_bytes()[:1000])                         # truncated
+    with pytest.raises(AdapterError, match="not a readable safetensors") as e:
+        load_adapter(model, adapter)
+    assert str(weights) in str(e.value) and not lora_layers(model)
+
+
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, saved, monkeypatch):
+    import lora
+    base, adapter = saved
+    before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    model, _ = load_model(base, dtype=torch.float32, device="cpu")
+    add_lora(model, LoRAConfig(r=8))
+
+    def crash(*args, **kwargs):
+        open(args[1], "wb").write(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(lora, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, adapter, LoRAConfig(r=8))
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, tmp_path / "new", LoRAConfig(r=8))
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no partial dir, no temp left
+    monkeypatch.undo()
+    save_adapter(model, adapter, LoRAConfig(r=8))                            # a complete save replaces it
+    assert load_adapter(load_model(base, dtype=torch.float32, device="cpu")[0], adapter).r == 8
+    with pytest.raises(AdapterError, match="not an adapter directory"):       # never wipes a model dir
+        save_adapter(model, base, LoRAConfig(r=8))
