@@ -83,18 +83,24 @@ class KVCache:
 
     Slots fill left to right, `length` of them so far, the same for every row; `valid` (B, max_len)
     marks the slots that hold real tokens (not padding) and `next_pos` (B,) is each row's next
-    rotary position, so rows of different lengths share one cache."""
+    rotary position, so rows of different lengths share one cache.
 
-    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype, device):
+    Prefix caching: `shared` is a batch-1 cache of a prefix common to every row (e.g. a long agent
+    prompt). It is not copied per row: every row attends to its one copy, then to its own slots."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, dtype, device, shared: "KVCache | None" = None):
         shape = (batch, args.n_kv_heads, max_len, args.head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.length, self.max_len, self.batch = 0, max_len, batch
+        self.length, self.max_len, self.batch, self.shared = 0, max_len, batch, shared
+        if shared is not None:
+            assert shared.batch == 1 and shared.shared is None and bool(shared.valid[:, :shared.length].all())
+            self.next_pos[:] = shared.next_pos[0]
 
     def expand_from(self, prefix: "KVCache"):
-        """Copy a batch-1 prefix cache into every row of this cache (prefix caching)."""
+        """Copy a batch-1 cache into the first slots of every row of this one (e.g. to grow a cache)."""
         n = prefix.length
         for dst, src in zip(self.k + self.v, prefix.k + prefix.v):
             dst[:, :, :n] = src[:1, :, :n]
@@ -102,6 +108,32 @@ class KVCache:
         self.next_pos[:] = prefix.next_pos[0]
         self.length = n
         return self
+
+    @property
+    def prefix_len(self):
+        return self.shared.length if self.shared is not None else 0
+
+
+def attend_after_prefix(q, k, v, kp, vp, mask):
+    """Attention over a shared prefix (one copy for the whole batch) and each row's own slots.
+    q: (B, H, T, hd); k, v: (B, KVH, S, hd) own slots; kp, vp: (1, KVH, P, hd); mask: (B, 1, T, S) or
+    None (= causal for T > 1, everything for T = 1). The prefix is read once per step: its scores are one
+    matmul per kv head with every row, query head of the group and query stacked (B*g*T rows)."""
+    B, H, T, hd = q.shape
+    KVH, P, S = kp.shape[1], kp.shape[2], k.shape[2]
+    g = H // KVH
+    qg = q.reshape(B, KVH, g * T, hd)                                              # (B, KVH, gT, hd)
+    q_rows = qg.transpose(0, 1).reshape(KVH, B * g * T, hd)                        # (KVH, BgT, hd)
+    s_pre = (q_rows @ kp[0].transpose(1, 2)).view(KVH, B, g * T, P).transpose(0, 1)  # (B, KVH, gT, P)
+    s_own = qg @ k.transpose(-1, -2)                                               # (B, KVH, gT, S)
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)[None, None]
+    if mask is not None:                                                           # (B, 1, T, S) -> per group
+        s_own = s_own.view(B, KVH, g, T, S).masked_fill(~mask[:, :, None], float("-inf")).reshape(B, KVH, g * T, S)
+    probs = (torch.cat((s_pre, s_own), -1).float() * hd ** -0.5).softmax(-1).to(q.dtype)
+    p_pre, p_own = probs.split([P, S], dim=-1)
+    y_pre = (p_pre.transpose(0, 1).reshape(KVH, B * g * T, P) @ vp[0]).view(KVH, B, g * T, hd).transpose(0, 1)
+    return (y_pre + p_own @ v).reshape(B, H, T, hd)                                # (B, H, T, hd)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -135,6 +167,11 @@ class Attention(nn.Module):
             cache.k[self.layer][:, :, start:end] = k
             cache.v[self.layer][:, :, start:end] = v
             k, v = cache.k[self.layer][:, :, :end], cache.v[self.layer][:, :, :end]   # (B, KVH, S, hd)
+            if cache.shared is not None:
+                P = cache.shared.length
+                kp, vp = cache.shared.k[self.layer][:, :, :P], cache.shared.v[self.layer][:, :, :P]
+                y = attend_after_prefix(q, k, v, kp, vp, mask)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -182,9 +219,10 @@ class Llama(nn.Module):
         the next T slots and the cache advances."""
         B, T = tokens.shape
         past = cache.length if cache is not None else 0
-        if past + T > self.args.max_seq_len or (cache is not None and past + T > cache.max_len):
-            limit = min(self.args.max_seq_len, cache.max_len if cache is not None else self.args.max_seq_len)
-            raise ValueError(f"sequence of {past + T} tokens is longer than the context of {limit} tokens")
+        prefix = cache.prefix_len if cache is not None else 0
+        if prefix + past + T > self.args.max_seq_len or (cache is not None and past + T > cache.max_len):
+            limit = min(self.args.max_seq_len, prefix + cache.max_len if cache is not None else self.args.max_seq_len)
+            raise ValueError(f"sequence of {prefix + past + T} tokens is longer than the context of {limit} tokens")
         real = pad_mask if pad_mask is not None else torch.ones(B, T, dtype=torch.bool, device=tokens.device)
         start_pos = cache.next_pos[:, None] if cache is not None else 0
         pos = start_pos + (real.long().cumsum(1) - 1).clamp(min=0)                 # (B, T) rotary positions
@@ -251,12 +289,10 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
     p = next(model.parameters())
     B, longest = len(prompts), max(len(x) for x in prompts)
     past = prefix.length if prefix is not None else 0
-    max_len = min(past + longest + max_new_tokens, model.args.max_seq_len)
     if past + longest >= model.args.max_seq_len:
         raise ValueError(f"prompt of {past + longest} tokens does not fit the context of {model.args.max_seq_len}")
-    cache = KVCache(model.args, B, max_len, p.dtype, p.device)
-    if prefix is not None:
-        cache.expand_from(prefix)
+    max_len = min(longest + max_new_tokens, model.args.max_seq_len - past)        # this batch's own slots
+    cache = KVCache(model.args, B, max_len, p.dtype, p.device, shared=prefix)
     tokens = torch.zeros(B, longest, dtype=torch.long, device=p.device)
     real = torch.zeros(B, longest, dtype=torch.bool, device=p.device)
     for i, ids in enumerate(prompts):                                   # left padding
