@@ -1,0 +1,101 @@
+"""Benchmark: this project's engine against Hugging Face `transformers` on the same SmolLM2 weights.
+
+Measures, in one run on one machine: prefill of 1,100 tokens (tokens/s), greedy decode at batch 1 and
+batch 16 (new tokens/s). transformers runs in its best dtype of fp32/bf16 on this CPU (both are tried);
+ours runs in `model.default_dtype` (bf16 only where the CPU has native bf16 matmul). Each figure is the
+median of --repeats runs after a warm-up. Speed is reported as ratios, since the machine is shared.
+
+    python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import default_dtype, embedded_model_path, generate, load_model  # noqa: E402
+
+
+def timed(fn, repeats):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_ours(prompt_ids, batch16, n_new, repeats, dtype):
+    model, _ = load_model(dtype=dtype, device="cpu")
+    x = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        prefill = timed(lambda: model(x, last_only=True), repeats)
+    dec1 = timed(lambda: generate(model, [prompt_ids[:64]], n_new), repeats)
+    pre1 = timed(lambda: generate(model, [prompt_ids[:64]], 1), repeats)
+    dec16 = timed(lambda: generate(model, batch16, n_new), repeats)
+    pre16 = timed(lambda: generate(model, batch16, 1), repeats)
+    return {"prefill_tok_s": len(prompt_ids) / prefill,
+            "decode_b1_tok_s": (n_new - 1) / max(dec1 - pre1, 1e-9),
+            "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
+
+
+def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype):
+    from transformers import AutoModelForCausalLM
+    path = embedded_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+    x = torch.tensor([prompt_ids])
+    gen = dict(do_sample=False, pad_token_id=0)
+    def hf_generate(ids, n):
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **gen)
+    b16 = torch.tensor(batch16)
+    with torch.inference_mode():
+        prefill = timed(lambda: hf(x, use_cache=False, logits_to_keep=1), repeats)
+        dec1 = timed(lambda: hf_generate(x[:, :64], n_new), repeats)
+        pre1 = timed(lambda: hf_generate(x[:, :64], 1), repeats)
+        dec16 = timed(lambda: hf_generate(b16, n_new), repeats)
+        pre16 = timed(lambda: hf_generate(b16, 1), repeats)
+    return {"prefill_tok_s": len(prompt_ids) / prefill,
+            "decode_b1_tok_s": (n_new - 1) / max(dec1 - pre1, 1e-9),
+            "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode measurement")
+    ap.add_argument("--prefill-tokens", type=int, default=1100)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
+    _, tok = load_model(dtype=torch.float32, device="cpu")
+    ids = (tok.encode(text) * 4)[: args.prefill_tokens]
+    batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
+    ours_dtype = default_dtype("cpu")
+    results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
+    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype)
+    hf_runs = {str(dt): bench_transformers(ids, batch16, args.decode_tokens, args.repeats, dt)
+               for dt in (torch.float32, torch.bfloat16)}
+    results["transformers_by_dtype"] = hf_runs
+    best = {k: max(r[k] for r in hf_runs.values()) for k in results["ours"]}
+    results["transformers_best"] = best
+    targets = {"prefill_tok_s": 1.2, "decode_b1_tok_s": 3.0, "decode_b16_tok_s": 2.0}
+    print(f"\n{'measure':<22}{'ours':>10}{'transformers (best)':>22}{'ratio':>8}{'target':>8}")
+    for k, target in targets.items():
+        ratio = results["ours"][k] / best[k]
+        results.setdefault("ratio", {})[k] = ratio
+        print(f"{k:<22}{results['ours'][k]:>10.1f}{best[k]:>22.1f}{ratio:>7.2f}x{target:>7.1f}x")
+    for dt, r in hf_runs.items():
+        print(f"  transformers {dt}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
