@@ -130,12 +130,17 @@ def dequantize_absmax(state: NF4Weight) -> torch.Tensor:
     return state.absmax_code[state.absmax_codes.long()] * scale + state.absmax_offset
 
 
+# byte -> the NF4 values of its (high, low) nibbles: unpacking is then one table lookup per byte
+NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=-1)     # (256, 2)
+
+
 def dequantize_nf4(state: NF4Weight, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Unpack NF4 codes and scale each block by its absmax (in fp32, then cast to dtype)."""
     n, bs = state.shape.numel(), state.blocksize
-    q = torch.stack([state.packed >> 4, state.packed & 0xF], dim=-1).view(-1)[:n]  # (n,)
-    values = F.pad(NF4_CODE.to(q.device)[q.long()], (0, -n % bs)).view(-1, bs)  # (nb, 64)
-    w = values * dequantize_absmax(state)[:, None]
+    values = NF4_PAIRS.to(state.packed.device).index_select(0, state.packed.int()).view(-1)[:n]  # (n,)
+    if n % bs:
+        values = F.pad(values, (0, -n % bs))
+    w = values.view(-1, bs) * dequantize_absmax(state)[:, None]                                # (nb, 64)
     return w.view(-1)[:n].to(dtype).view(state.shape)
 
 
