@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 import synth
-from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, lora_layers, save_adapter
+from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, token_ce
 from model import generate, load_model
 from prompts import PromptFileError, load_prompt
@@ -344,6 +344,7 @@ def main(argv=None):
     log(f"data: {len(train_records)} training records, {len(held_out)} held out ({time.time() - t_start:.0f} s so far)")
 
     if cfg.quantize == "nf4":                                 # QLoRA: 4-bit base (reload: synthesis used full precision)
+        del model
         model, tok = load_model(cfg.model, device=device, quantize="nf4")
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)                               # the same adapter init in every process
@@ -361,7 +362,10 @@ def main(argv=None):
     if rank == 0:
         save_adapter(model, run_dir / "adapter", lora_cfg, base_name=cfg.model or model.args.name)
         log(f"adapter saved to {run_dir / 'adapter'} (PEFT layout)")
-        if held_out:
+        if held_out:                                          # deployed as one would: full-precision base + adapter
+            del model
+            model, tok = load_model(cfg.model, device=device)
+            load_adapter(model, run_dir / "adapter")
             rates = before_after(model, tok, prompt, held_out, task_name, log=log)
             (run_dir / "before_after.json").write_text(json.dumps(rates, indent=2))
         log(f"done in {time.time() - t_start:.0f} s")
