@@ -18,6 +18,8 @@ import json
 import os
 import re
 
+from agentbench_env import load_records
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 STEPS_FILE = os.path.join(DATA_DIR, "mind2web_steps.json")
 PREVIOUS_K = 5  # AgentBench dataloader previous_k
@@ -27,27 +29,15 @@ STEP_FIELDS = {"task": str, "html": str, "previous_actions": list, "choices": li
 
 def load_steps(path):
     """A JSON list of steps; one clear error naming the step index and field otherwise."""
-    try:
-        with open(path) as f:
-            steps = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(steps, list):
-        raise ValueError(f"{path}: expected a JSON list of steps")
+    steps = load_records(path, STEP_FIELDS, "task")
     for i, step in enumerate(steps):
         check_step(step, i, path)
     return steps
 
 
 def check_step(step, i, path):
+    """The rules beyond field types: a valid answer letter, and an action (and value) unless it is A."""
     where = f"{path}: task {i}"
-    if not isinstance(step, dict):
-        raise ValueError(f"{where} is not a JSON object")
-    for name, kind in STEP_FIELDS.items():
-        if name not in step:
-            raise ValueError(f"{where}: missing field '{name}'")
-        if not isinstance(step[name], kind):
-            raise ValueError(f"{where}: field '{name}' has type {type(step[name]).__name__}")
     letters = [chr(65 + k) for k in range(len(step["choices"]) + 1)]
     if step["answer"] not in letters:
         raise ValueError(f"{where}: field 'answer' is {step['answer']!r}, not one of {letters}")

@@ -41,6 +41,8 @@ import bm25s
 import numpy as np
 from rapidfuzz import fuzz, utils
 
+from agentbench_env import load_records
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PRODUCTS_FILE = os.path.join(DATA_DIR, "webshop_products.json")
 GOALS_FILE = os.path.join(DATA_DIR, "webshop_goals.json")
@@ -55,27 +57,6 @@ GOAL_FIELDS = {"asin": str, "instruction_text": str, "attributes": list, "goal_o
 PRODUCT_FIELDS = {"asin": str, "Title": str, "product_category": str, "query": str,
                   "price": (int, float), "Attributes": list, "options": dict, "Description": str,
                   "BulletPoints": list, "Reviews": list, "Rating": (int, float, str)}
-
-
-# ---------------------------------------------------------------------------------- data files
-def load_records(path, fields, what):
-    """A JSON list of dicts, each with `fields` (name -> type); one clear error otherwise."""
-    try:
-        with open(path) as f:
-            records = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of {what}s")
-    for i, rec in enumerate(records):
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}: {what} {i} is not a JSON object")
-        for name, kind in fields.items():
-            if name not in rec:
-                raise ValueError(f"{path}: {what} {i}: missing field '{name}'")
-            if not isinstance(rec[name], kind):
-                raise ValueError(f"{path}: {what} {i}: field '{name}' has type {type(rec[name]).__name__}")
-    return records
 
 
 # ---------------------------------------------------------------------------------- search
