@@ -80,41 +80,45 @@ WEBSHOP_OBSERVATION = ('Observation:\n"WebShop [SEP] Instruction: [SEP] {item} [
 ENDING = "When the task is done ({done}), reply only with " + END + "."
 TASKS = {
     "webshop": Task(
-        "webshop", "Web Shopping", 5,
-        "You are a web shopping page with Available Actions. The user is a shopping agent whose every message "
-        "ends with an action, search[keywords] or click[value]. Reply with the page the action leads to, in the "
-        "format above: \"Observation:\" with the page text joined by [SEP], then \"Available Actions:\" with "
-        "has_search_bar and clickables. " + ENDING.format(done="the agent clicks [Buy Now]"),
-        ("i need", "i'm looking for", "i would like", "i want"),
-        r"^(?!.*\b(search|click|keywords?|products?|page|button|actions?|observation|thought|sep|b0\w+|costs?)\b)"
-        r"(i need|i want|i would like|i'm looking for|i am looking for) [a-z0-9 ,.'&/()+-]{4,}, "
-        r"and price lower than \d+\.\d\d dollars$",   # a product, not the shop's interface
-        ("\nObservation:",), ("\nThought:", "\nAction:"),
-        r"[Aa]ction: *\n* *((search|click)\[.+?\])", 200),
+        name="webshop", title="Web Shopping", max_turns=5,
+        env_system="You are a web shopping page with Available Actions. The user is a shopping agent whose every "
+                   "message ends with an action, search[keywords] or click[value]. Reply with the page the action "
+                   "leads to, in the format above: \"Observation:\" with the page text joined by [SEP], then "
+                   "\"Available Actions:\" with has_search_bar and clickables. "
+                   + ENDING.format(done="the agent clicks [Buy Now]"),
+        item_starts=("i need", "i'm looking for", "i would like", "i want"),
+        item_pattern=r"^(?!.*\b(search|click|keywords?|products?|page|button|actions?|observation|thought|sep|"
+                     r"b0\w+|costs?)\b)"                                   # a thing to buy, not the shop itself
+                     r"(i need|i want|i would like|i'm looking for|i am looking for) [a-z0-9 ,.'&/()+-]{4,}, "
+                     r"and price lower than \d+\.\d\d dollars$",
+        agent_stops=("\nObservation:",), env_stops=("\nThought:", "\nAction:"),
+        final_action=r"[Aa]ction: *\n* *((search|click)\[.+?\])", max_item_chars=200),
     "os": Task(
-        "os", "OS Interaction", 10,
-        "You are the Linux (Ubuntu) operating system. The user is an agent that runs bash commands. Reply only "
-        "with what the command prints, as \"The output of the OS:\" and the output, or \"The output of the OS is "
-        "empty.\" when it prints nothing. " + ENDING.format(done="the agent takes \"Act: finish\" or "
-                                                                 "\"Act: answer(...)\""),
-        ("tell me", "how many", "what is", "find", "count", "list"),
-        r"^[^\n]{12,}$", ("\nThe output of the OS",), ("\nThink:", "\nAct:"),
-        r"Act: *(finish|answer\(.*\))\s*$"),
+        name="os", title="OS Interaction", max_turns=10,
+        env_system="You are the Linux (Ubuntu) operating system. The user is an agent that runs bash commands. "
+                   "Reply only with what the command prints, as \"The output of the OS:\" and the output, or "
+                   "\"The output of the OS is empty.\" when it prints nothing. "
+                   + ENDING.format(done="the agent takes \"Act: finish\" or \"Act: answer(...)\""),
+        item_starts=("tell me", "how many", "what is", "find", "count", "list"),
+        item_pattern=r"^[^\n]{12,}$",
+        agent_stops=("\nThe output of the OS",), env_stops=("\nThink:", "\nAct:"),
+        final_action=r"Act: *(finish|answer\(.*\))\s*$"),            # matched against the last Act: line
     "mind2web": Task(
-        "mind2web", "Web Browsing", 2,
-        "You are an HTML multi-choice QA problem. The user is an agent that answers with the letter of a choice "
-        "(\"Answer: X.\") and an action (CLICK, SELECT or TYPE, with a Value). Reply with the next step in the "
-        "format above: the HTML webpage, the task, the previous actions and the choices. "
-        + ENDING.format(done="the agent has answered the task"),
-        ("Find", "Book", "Search for", "Check", "Buy", "Show"),
-        r"^[A-Z][^<>\n]{10,}$", ("\n'''",), ("\nThought:", "\nAnswer:"),
-        r"Answer: *(A\b|[B-Z]\.?[\s\S]*Action: *(CLICK|SELECT|TYPE)\b)", 200),
+        name="mind2web", title="Web Browsing", max_turns=2,
+        env_system="You are an HTML multi-choice QA problem. The user is an agent that answers with the letter of "
+                   "a choice (\"Answer: X.\") and an action (CLICK, SELECT or TYPE, with a Value). Reply with the "
+                   "next step in the format above: the HTML webpage, the task, the previous actions and the "
+                   "choices. " + ENDING.format(done="the agent has answered the task"),
+        item_starts=("Find", "Book", "Search for", "Check", "Buy", "Show"),
+        item_pattern=r"^[A-Z][^<>\n]{10,}$",
+        agent_stops=("\n'''",), env_stops=("\nThought:", "\nAnswer:"),
+        final_action=r"Answer: *(A\b|[B-Z]\.?[\s\S]*Action: *(CLICK|SELECT|TYPE)\b)", max_item_chars=200),
 }
-GENERIC = Task("generic", "the agent", 5,
-               "You are the environment the user (an agent) acts in. Reply with what the environment returns "
-               "after the agent's action, in the format above. " + ENDING.format(done="the agent gives its final "
-                                                                                   "answer"),
-               ("",), r"\S", (), (), r"\S")
+GENERIC = Task(
+    name="generic", title="the agent", max_turns=5,
+    env_system="You are the environment the user (an agent) acts in. Reply with what the environment returns after "
+               "the agent's action, in the format above. " + ENDING.format(done="the agent gives its final answer"),
+    item_starts=("",), item_pattern=r"\S", agent_stops=(), env_stops=(), final_action=r"\S")
 
 
 def detect_task(prompt: AgentPrompt, name: str | None = None) -> Task:
@@ -180,21 +184,33 @@ def gold_turns(prompt: AgentPrompt) -> float:
 @dataclass
 class SynthConfig:
     """Every setting that changes the records (saved in settings.json; a rerun must match)."""
-    n: int = 32                  # samples
+    n: int = 32
     seed: int = 0
-    batch_size: int = 16         # samples per generate call; one durable write per batch
-    task: str | None = None      # None = from the prompt's file name
-    max_turns: int | None = None # None = the task's
-    per_call: int = 10           # new problems asked for per list (appendix A.1: ~10)
-    input_tokens: int = 320      # new tokens per list
-    max_input_rounds: int = 8    # rounds of lists before giving up
-    agent_tokens: int = 128      # per agent turn
-    env_tokens: int = 256        # per environment turn
-    output_tokens: int = 128     # AS-IS output (the TO-BE output is the first agent turn)
+    batch_size: int = 16
+    task: str | None = None
+    max_turns: int | None = None
+    per_call: int = 10
+    input_tokens: int = 320
+    max_input_rounds: int = 8
+    agent_tokens: int = 96
+    env_tokens: int = 200
+    output_tokens: int = 128
     reason_tokens: int = 160
     input_temperature: float = 1.0
     reason_temperature: float = 0.7
     top_p: float = 0.9
+
+
+CONFIG_HELP = {
+    "n": "samples to synthesize", "seed": "seed of every sampling stage (per batch: seed, stage, batch)",
+    "batch_size": "samples per generate call; one durable write per batch",
+    "task": "webshop / os / mind2web / generic; None = from the prompt's file name",
+    "max_turns": "agent turns at most; None = the task's (OS 10, Web Browsing 2, Web Shopping 5)",
+    "per_call": "new problems asked for per list (appendix A.1: ~10)", "input_tokens": "new tokens per list",
+    "max_input_rounds": "rounds of lists before giving up", "agent_tokens": "new tokens per agent turn",
+    "env_tokens": "new tokens per environment turn", "output_tokens": "new tokens of the AS-IS output",
+    "reason_tokens": "new tokens per reason", "input_temperature": "sampling temperature of the pseudo inputs",
+    "reason_temperature": "sampling temperature of the reasons", "top_p": "nucleus sampling threshold"}
 
 
 class SettingsMismatch(ValueError):
@@ -300,6 +316,7 @@ class Meter:
     """Generated tokens and seconds of one stage (tokens/s in the report)."""
     tokens: int = 0
     seconds: float = 0.0
+    bar: object = None           # the stage's tqdm bar, which shows the rate
 
     def rate(self):
         return self.tokens / self.seconds if self.seconds else 0.0
@@ -316,6 +333,8 @@ def complete(model, tok, id_lists, max_new_tokens, *, prefix=None, stops=(), tem
     if meter is not None:
         meter.tokens += sum(len(o) for o in outs)
         meter.seconds += time.perf_counter() - start
+        if meter.bar is not None:
+            meter.bar.set_postfix_str(f"{meter.rate():.1f} tok/s")
     texts = [tok.decode(o) for o in outs]
     return [(t, len(o) < max_new_tokens or any(s in t for s in stops)) for t, o in zip(texts, outs)]
 
@@ -406,7 +425,7 @@ def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: 
         raise ValueError(f"{rounds_path}: rounds out of order; remove the directory or use --overwrite")
     accepted, rejected = accept_items(task, rounds, pool)
     prefix = None
-    bar = tqdm(total=cfg.n, desc="inputs", initial=min(len(accepted), cfg.n), leave=False)
+    bar = meter.bar = tqdm(total=cfg.n, desc="inputs", initial=min(len(accepted), cfg.n), leave=False)
     while len(accepted) < cfg.n:
         if len(rounds) >= cfg.max_input_rounds:
             raise RuntimeError(f"only {len(accepted)} of {cfg.n} valid inputs after {len(rounds)} rounds of lists "
@@ -531,7 +550,8 @@ def generate_conversations(model, tok, prompt, task, cfg, out_dir, inputs, meter
     todo = [b for b in batches(inputs, cfg.batch_size) if any(x["id"] not in done for x in b)]
     if todo and replies is None:
         replies = personas(model, tok, prompt, task, cfg, meter)
-    bar = tqdm(total=len(inputs), initial=len(inputs) - sum(len(b) for b in todo), desc="role-play", leave=False)
+    bar = meter.bar = tqdm(total=len(inputs), initial=len(inputs) - sum(len(b) for b in todo), desc="role-play",
+                           leave=False)
     for batch in todo:
         results = roleplay([prompt.user_message(x["input"]) for x in batch], *replies, cfg.max_turns or task.max_turns)
         new = [{"id": x["id"], **r} for x, r in zip(batch, results) if x["id"] not in done]
@@ -557,7 +577,8 @@ def generate_outputs(model, tok, prompt, cfg, out_dir, inputs, conversations, me
     done = {r["id"]: r for r in read_jsonl(path)}
     teacher = {c["id"]: c["conversation"][1]["content"] for c in conversations}
     todo = [b for b in batches(inputs, cfg.batch_size) if any(x["id"] not in done for x in b)]
-    bar = tqdm(total=len(inputs), initial=len(inputs) - sum(len(b) for b in todo), desc="outputs", leave=False)
+    bar = meter.bar = tqdm(total=len(inputs), initial=len(inputs) - sum(len(b) for b in todo), desc="outputs",
+                           leave=False)
     for batch in todo:
         ids = [tok.apply_chat(student_messages(prompt, x["input"])) for x in batch]
         outs = complete(model, tok, ids, cfg.output_tokens, meter=meter)
@@ -592,8 +613,8 @@ def generate_reasons(generator, gen_tok, prompt, cfg, out_dir, inputs, outputs, 
     all_batches = batches(inputs, cfg.batch_size)
     todo = [k for k, b in enumerate(all_batches) if any(x["id"] not in done for x in b)]
     prefix = cached_prefix(generator, gen_tok, reason_prefix_messages(prompt)) if todo else None
-    bar = tqdm(total=len(inputs), initial=len(inputs) - sum(len(all_batches[k]) for k in todo), desc="reasons",
-               leave=False)
+    bar = meter.bar = tqdm(total=len(inputs), initial=len(inputs) - sum(len(all_batches[k]) for k in todo),
+                           desc="reasons", leave=False)
     for k in todo:
         batch = all_batches[k]
         chats = [reason_messages(prompt, x["input"], out_of[x["id"]]["student_output"],
@@ -728,20 +749,19 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--prompt", default="prompts/webshop.txt", help="agent prompt file (or os/webshop/mind2web)")
-    ap.add_argument("--out", default=None, help="output directory (default runs/<prompt name>/data)")
-    ap.add_argument("-n", type=int, default=SynthConfig.n, help="samples to synthesize")
-    ap.add_argument("--model", default=None, help="model for the role-play and outputs (default: embedded SmolLM2)")
-    ap.add_argument("--generator", default=None, help="model for inputs and reasons (default: --model)")
+    ap.add_argument("--out", default=None, help="output directory; None = runs/<prompt name>/data")
+    ap.add_argument("-n", type=int, default=SynthConfig.n, help=CONFIG_HELP["n"])
+    ap.add_argument("--model", default=None, help="model of the role-play and outputs; None = embedded SmolLM2")
+    ap.add_argument("--generator", default=None, help="model of the inputs and reasons; None = --model")
     ap.add_argument("--demos", default=None, help="file of real demonstration inputs (lines or JSONL)")
     ap.add_argument("--overwrite", action="store_true", help="delete earlier records in --out first")
     ap.add_argument("--benchmark", action="store_true", help="measure the role-play stage, batched+cached vs plain")
-    ap.add_argument("--bench-samples", type=int, default=4)
+    ap.add_argument("--bench-samples", type=int, default=4, help="samples the benchmark role-plays")
     for f in SynthConfig.__dataclass_fields__.values():
         if f.name != "n":
             kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
-            ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default)
+            ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default, help=CONFIG_HELP[f.name])
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     prompt = load_prompt(args.prompt)
     settings = {f: getattr(args, f) for f in SynthConfig.__dataclass_fields__ if f != "n"}

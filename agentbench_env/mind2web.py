@@ -14,7 +14,6 @@ a reply with no `Answer:` letter scores 0 here (no parsable action never scores)
 
     env = Mind2WebEnv(); prompt = env.reset(0); _, done, score = env.step("Answer: C.\\nAction: CLICK")
 """
-import json
 import os
 import re
 
