@@ -170,8 +170,15 @@ class Attention(nn.Module):
             if cache.shared is not None:
                 P = cache.shared.length
                 kp, vp = cache.shared.k[self.layer][:, :, :P], cache.shared.v[self.layer][:, :, :P]
-                y = attend_after_prefix(q, k, v, kp, vp, mask)
-                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                if T == 1:    # decode: read the one prefix copy for the whole batch
+                    y = attend_after_prefix(q, k, v, kp, vp, mask)
+                    return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+                # prefill after the prefix: a transient per-layer copy lets SDPA tile the long scores
+                k = torch.cat((kp.expand(B, -1, -1, -1), k), 2)                        # (B, KVH, P+S, hd)
+                v = torch.cat((vp.expand(B, -1, -1, -1), v), 2)
+                own = mask if mask is not None else \
+                    torch.ones(T, end, dtype=torch.bool, device=x.device).tril(end - T)[None, None]
+                mask = torch.cat((torch.ones(*own.shape[:-1], P, dtype=torch.bool, device=x.device), own), -1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

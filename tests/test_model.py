@@ -108,6 +108,9 @@ def test_prefix_caching_gives_the_same_tokens(tiny_model):
     without = [generate(model, [prefix + s], max_new_tokens=12)[0] for s in suffixes]
     assert with_prefix == without
     # sampled, seeded: the same seed gives the same tokens, with or without the cached prefix
+    same_length = [[1, 2, 3], [7, 8, 9]]                       # no padding: the unmasked causal path
+    assert generate(model, same_length, max_new_tokens=8, prefix=cache) == \
+        [generate(model, [prefix + s], max_new_tokens=8)[0] for s in same_length]
     a = generate(model, suffixes, max_new_tokens=12, prefix=cache, temperature=1.0, top_p=0.9, seed=3)
     b = generate(model, [prefix + s for s in suffixes], max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3)
     assert a == b
