@@ -1,7 +1,7 @@
 """Score the teacher, the bare student and GenPI adapters on the local AgentBench (paper section 6.1, appendix B, Table 1).
 
     python evaluate.py --task webshop --adapter runs/webshop/adapter      # one task, one adapter
-    python evaluate.py                                                     # all three tasks, first 3 episodes each
+    python evaluate.py                                                     # all three tasks, the first episode of each
 
 Systems, in this order: the base model WITH the agent prompt (the upper bound, i.e. the teacher), the base model
 WITHOUT it, and each --adapter without it (the GenPI student). Scores are ×100: success rate (OS, Web Browsing)
@@ -46,7 +46,7 @@ from prompts import load_prompt
 
 TASKS = ("os", "mind2web", "webshop")                      # Table 1's column order
 TASK_TITLES = {"os": ("OS", "SR"), "mind2web": ("Web Browsing", "SR"), "webshop": ("Web Shopping", "Reward")}
-DEFAULT_LIMIT = 3                                          # episodes per task: the default run takes a few minutes
+DEFAULT_LIMIT = 1                                          # episodes per task: the default run takes minutes (see README)
 MAX_NEW_TOKENS = 128                                       # the prompts' example replies are <= 53 tokens
 CACHE_GROWTH = 1024                                        # slots added when an episode's KV cache is full
 FAST_DIR = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None   # OS sandboxes on tmpfs: faster set-up
