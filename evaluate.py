@@ -21,8 +21,8 @@ input, not to the prompt being internalized (METHOD.md, "Prompt file format").
 Speed: the prompt's KV cache is computed once per system (prefill_prefix); each episode keeps its own
 KV cache between turns, so a turn prefills only its new tokens (section 8: caching earlier turns).
 Episodes run one after another: on this CPU, re-prefilling whole conversations to batch episodes costs
-more than batching saves (measured: a 600-token turn prefill takes ~2 s, one decode step ~0.25 s at batch 1
-and ~0.3 s per row at batch 8).
+more than batching saves (SmolLM2-135M, fp32, 2 shared cores: a 600-token turn prefills in ~2 s; a decode
+step at a 2,000-token context takes ~0.25 s at batch 1 and ~0.35 s per row at batch 8).
 
 Transcripts: one JSON file per episode under --out/<task>/<system>/; --json writes the summary.
 """
@@ -268,7 +268,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-invalid", action="store_true", help="OS only: leave out tasks that cannot be read")
     ap.add_argument("--model", metavar="PATH", help="checkpoint (HF directory or .gguf); default: embedded SmolLM2")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the base model in NF4")
-    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help="longest agent reply, in tokens")
+    ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"longest agent reply, in tokens (default {MAX_NEW_TOKENS})")
     ap.add_argument("--out", default=os.path.join("runs", "eval"), help="transcripts go to OUT/<task>/<system>/")
     ap.add_argument("--json", metavar="FILE", help="write the summary as JSON")
     return ap.parse_args(argv)
