@@ -113,6 +113,38 @@ class KVCache:
     def prefix_len(self):
         return self.shared.length if self.shared is not None else 0
 
+    def keep_first(self, counts: list[int]):
+        """Keep the first counts[i] real tokens of row i and forget the rest of its tokens (their slots
+        turn to padding), e.g. to take back generated tokens that the next turn renders differently."""
+        n_real = self.valid.long().cumsum(1)                                        # (B, max_len)
+        keep = torch.tensor(counts, device=self.valid.device)[:, None]
+        self.valid &= n_real <= keep
+        self.next_pos[:] = self.valid.sum(1) + self.prefix_pos()
+
+    def prefix_pos(self):
+        return int(self.shared.next_pos[0]) if self.shared is not None else 0
+
+    def select(self, rows: list[int], max_len: int | None = None) -> "KVCache":
+        """A new cache of the given rows (in that order), with max_len slots (default: the same)."""
+        max_len = max(max_len or self.max_len, self.length)
+        args = _CacheShape(len(self.k), self.k[0].shape[1], self.k[0].shape[3])
+        new = KVCache(args, len(rows), max_len, self.k[0].dtype, self.k[0].device, shared=self.shared)
+        index = torch.tensor(rows, device=self.valid.device)
+        for dst, src in zip(new.k + new.v, self.k + self.v):
+            dst[:, :, :self.length] = src[index, :, :self.length]
+        new.valid[:, :self.length] = self.valid[index, :self.length]
+        new.next_pos[:] = self.next_pos[index]
+        new.length = self.length
+        return new
+
+
+@dataclass
+class _CacheShape:
+    """The three numbers of ModelArgs that a KVCache needs (to copy a cache without the model)."""
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+
 
 def attend_after_prefix(q, k, v, kp, vp, mask):
     """Attention over a shared prefix (one copy for the whole batch) and each row's own slots.
@@ -266,15 +298,20 @@ class Llama(nn.Module):
 
 # ----------------------------------------------------------------------------- generation
 def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits: (B, vocab) -> (B,) ids. Greedy at temperature 0, else nucleus sampling (top-p)."""
+    """logits: (B, vocab) -> (B,) ids. Greedy at temperature 0, else nucleus sampling (top-p). The nucleus
+    is looked for among the 256 likeliest tokens first (a full sort of the vocabulary costs more than the
+    model's step at batch 1) and in the whole vocabulary only when they do not hold top_p of the mass."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p                 # the smallest set with mass >= top_p
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)                    # (B, vocab)
+    if top_p >= 1.0:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    top, order = probs.topk(min(256, probs.shape[-1]), dim=-1)                     # (B, k), descending
+    if not bool((top.sum(-1) >= top_p).all()):
+        top, order = probs.sort(dim=-1, descending=True)                           # (B, vocab)
+    keep = top.cumsum(-1) - top < top_p                 # the smallest set with mass >= top_p
+    choice = torch.multinomial(top * keep, 1, generator=generator)                 # (B, 1) rank in the order
+    return order.gather(-1, choice).squeeze(-1)
 
 
 def prefill_prefix(model: Llama, prefix_ids: list[int], max_len: int) -> KVCache:
@@ -289,17 +326,26 @@ def prefill_prefix(model: Llama, prefix_ids: list[int], max_len: int) -> KVCache
 @torch.inference_mode()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_ids=(), stop_strings=(), tokenizer=None,
-             prefix: KVCache | None = None, progress=None) -> list[list[int]]:
+             prefix: KVCache | None = None, cache: KVCache | None = None, progress=None) -> list[list[int]]:
     """Continue each prompt (a list of ids; after `prefix` when given). Returns the new ids per prompt,
     cut before the first stop id; stop strings (needs `tokenizer`) end a row once its text contains one
-    (trim the text with `cut_at_stop`). Rows are left-padded into one batch."""
+    (trim the text with `cut_at_stop`). Rows are left-padded into one batch.
+
+    `cache`: continue the rows of an existing cache instead (a conversation's next turn: the prompts are
+    each row's new tokens, none empty). The prompts and generated tokens stay in it; a row's slots after
+    it finished are padding. Use `cache.keep_first` to take back tokens before the next turn."""
     p = next(model.parameters())
     B, longest = len(prompts), max(len(x) for x in prompts)
-    past = prefix.length if prefix is not None else 0
-    if past + longest >= model.args.max_seq_len:
-        raise ValueError(f"prompt of {past + longest} tokens does not fit the context of {model.args.max_seq_len}")
-    max_len = min(longest + max_new_tokens, model.args.max_seq_len - past)        # this batch's own slots
-    cache = KVCache(model.args, B, max_len, p.dtype, p.device, shared=prefix)
+    if cache is None:
+        past = prefix.length if prefix is not None else 0
+        if past + longest >= model.args.max_seq_len:
+            raise ValueError(f"prompt of {past + longest} tokens does not fit the context of {model.args.max_seq_len}")
+        max_len = min(longest + max_new_tokens, model.args.max_seq_len - past)    # this batch's own slots
+        cache = KVCache(model.args, B, max_len, p.dtype, p.device, shared=prefix)
+    elif prefix is not None or cache.batch != B or min(len(x) for x in prompts) == 0:
+        raise ValueError("a cache to continue takes one non-empty prompt per row, and no separate prefix")
+    elif cache.length + longest >= cache.max_len:
+        raise ValueError(f"the cache has {cache.max_len - cache.length} free slots, the prompts need {longest + 1}")
     tokens = torch.zeros(B, longest, dtype=torch.long, device=p.device)
     real = torch.zeros(B, longest, dtype=torch.bool, device=p.device)
     for i, ids in enumerate(prompts):                                   # left padding
@@ -308,7 +354,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
     logits = model(tokens, cache, pad_mask=None if bool(real.all()) else real, last_only=True)[:, -1]
     out, done, stops = [[] for _ in range(B)], [False] * B, set(stop_ids)
-    for _ in range(min(max_new_tokens, max_len - cache.length)):
+    for _ in range(min(max_new_tokens, cache.max_len - cache.length + 1)):
         nxt = sample_next(logits, temperature, top_p, gen)              # (B,)
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
@@ -321,9 +367,10 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
                 done[i] = True
         if progress is not None:
             progress.update(1)
-        if all(done) or cache.length >= max_len:
+        if all(done) or cache.length >= cache.max_len:
             break
-        logits = model(nxt[:, None], cache)[:, -1]
+        running = None if not any(done) else torch.tensor([not d for d in done], device=p.device)[:, None]
+        logits = model(nxt[:, None], cache, pad_mask=running)[:, -1]   # a finished row's token is padding
     return out
 
 

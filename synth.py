@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import cut_at_stop, generate, load_model, prefill_prefix
+from model import KVCache, cut_at_stop, generate, load_model, prefill_prefix
 from prompts import AgentPrompt, example_inputs, load_prompt
 
 END = "[END_CONVERSATION]"
@@ -322,14 +322,17 @@ class Meter:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def complete(model, tok, id_lists, max_new_tokens, *, prefix=None, stops=(), temperature=0.0, top_p=1.0,
-             seed=None, meter: Meter | None = None) -> list[tuple[str, bool]]:
-    """Continue each id list (after the cached `prefix`) -> (text, finished) per row. The text runs up to
-    and including a stop string (cut it with `cut_at_stop`); `finished` is False when the row ran out of
-    tokens before a stop."""
+def complete(model, tok, id_lists, max_new_tokens, *, prefix=None, cache=None, stops=(), temperature=0.0,
+             top_p=1.0, seed=None, meter: Meter | None = None, out_ids: list | None = None) -> list[tuple[str, bool]]:
+    """Continue each id list (after the cached `prefix`, or as the next tokens of the rows of `cache`)
+    -> (text, finished) per row. The text runs up to and including a stop string (cut it with
+    `cut_at_stop`); `finished` is False when the row ran out of tokens before a stop. `out_ids` receives
+    the generated ids."""
     start = time.perf_counter()
     outs = generate(model, id_lists, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop_ids=tok.stop_ids, stop_strings=stops, tokenizer=tok, prefix=prefix)
+                    stop_ids=tok.stop_ids, stop_strings=stops, tokenizer=tok, prefix=prefix, cache=cache)
+    if out_ids is not None:
+        out_ids.extend(outs)
     if meter is not None:
         meter.tokens += sum(len(o) for o in outs)
         meter.seconds += time.perf_counter() - start
@@ -516,22 +519,66 @@ def roleplay(first_messages: list[str], agent_reply, env_reply, max_turns: int) 
 
 
 def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, stops, meter, use_cache=True):
-    """conversations -> greedy replies of the persona whose chat is build_messages(conversation). The
-    persona's prompt part (prefix_messages) is prefilled once; each call decodes its conversations as
-    one batch. Without the cache every chat is run in full (the benchmark's plain loop). On the last turn
-    a reply is cut to a few tokens: only whether it opens with END is used."""
-    prefix_ids, cache = cached_prefix(model, tok, prefix_messages) if use_cache else ([], None)
+    """conversations -> greedy replies of the persona whose chat is build_messages(conversation).
+
+    With the cache (section 8's caching, twice over): the persona's prompt part (prefix_messages) is
+    prefilled once and shared; the batch of conversations keeps one KV cache row each across turns, so a
+    turn feeds only what is new since the persona last spoke (the other persona's reply and the chat
+    markup), and the persona's own last reply stays cached as generated, up to where its rendering in
+    the chat differs. Without the cache every chat runs in full (the benchmark's plain loop). On the last
+    turn a reply is cut to a few tokens: only whether it opens with END is used."""
+    if not use_cache:
+        def plain_reply(conversations, last_turn=False):
+            n_new = min(max_new_tokens, LAST_TURN_TOKENS) if last_turn else max_new_tokens
+            ids = [tok.apply_chat(build_messages(c)) for c in conversations]
+            outs = complete(model, tok, ids, n_new, stops=stops + (END,), meter=meter)
+            return [cut_at_stop(text, stops).strip() for text, _ in outs]
+        return plain_reply
+
+    prefix_ids, prefix_cache = cached_prefix(model, tok, prefix_messages)
+    room = model.args.max_seq_len - len(prefix_ids)                  # slots a row may use after the prefix
+    state = {"keys": [], "fed": [], "cache": None}    # per row: its conversation, the ids in its cache row
 
     def reply(conversations, last_turn=False):
         n_new = min(max_new_tokens, LAST_TURN_TOKENS) if last_turn else max_new_tokens
         ids = [continuation_ids(tok, prefix_ids, build_messages(c)) for c in conversations]
-        room = model.args.max_seq_len - len(prefix_ids) - n_new
-        if max(len(x) for x in ids) > room:
+        if max(len(x) for x in ids) + n_new > room:
             raise ValueError(f"a conversation of {len(prefix_ids) + max(len(x) for x in ids)} tokens leaves no "
                              f"room for {n_new} new tokens in the context of {model.args.max_seq_len}")
-        outs = complete(model, tok, ids, n_new, prefix=cache, stops=stops + (END,), meter=meter)
+        keys, cache = [id(c) for c in conversations], state["cache"]
+        if cache is not None and all(k in state["keys"] for k in keys):
+            rows = [state["keys"].index(k) for k in keys]
+            fed = [state["fed"][r] for r in rows]
+            if rows != list(range(len(state["keys"]))):                 # some conversations ended
+                cache = cache.select(rows)
+        else:                                                           # a new batch of conversations
+            cache, fed = None, [[] for _ in ids]
+        kept = [min(common_prefix_length(f, x), len(x) - 1) for f, x in zip(fed, ids)]   # >= 1 new token
+        new = [x[n:] for x, n in zip(ids, kept)]
+        slots = (cache.length if cache is not None else 0) + max(len(x) for x in new) + n_new + 1
+        if cache is None or slots > room:                              # start over: every row in full
+            cache = KVCache(model.args, len(ids), min(room, max(len(x) for x in ids) + 4 * (n_new + 64)),
+                            prefix_cache.k[0].dtype, prefix_cache.k[0].device, shared=prefix_cache)
+            kept, new = [0] * len(ids), ids
+        elif slots > cache.max_len:
+            cache = cache.select(list(range(len(ids))), max_len=min(room, slots + 4 * (n_new + 64)))
+        cache.keep_first(kept)
+        out_ids = []
+        outs = complete(model, tok, new, n_new, cache=cache, stops=stops + (END,), meter=meter, out_ids=out_ids)
+        in_cache = cache.valid.sum(1).tolist()                          # a finished row's last tokens are padding
+        state.update(keys=keys, cache=cache,
+                     fed=[(x + o)[:n] for x, o, n in zip(ids, out_ids, in_cache)])
         return [cut_at_stop(text, stops).strip() for text, _ in outs]     # an END stays in the text
     return reply
+
+
+def common_prefix_length(a: list, b: list) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def personas(model, tok, prompt, task, cfg, meter, use_cache=True):

@@ -116,6 +116,32 @@ def test_prefix_caching_gives_the_same_tokens(tiny_model):
     assert a == b
 
 
+def test_continuing_a_cache_over_turns_equals_generating_from_scratch(tiny_model):
+    """Multi-turn use (the role-play of synth.py): each turn appends rows' new tokens of different lengths
+    to one batched cache after a shared prefix, generated tokens are partly taken back (keep_first), rows
+    leave the batch (select); every turn's tokens equal a fresh generation over the row's whole history."""
+    model, _ = tiny_model
+    prefix = list(range(30, 50))
+    shared = prefill_prefix(model, prefix, len(prefix))
+    cache = KVCache(model.args, 3, 120, torch.float32, "cpu", shared=shared)
+    history = [[], [], []]                             # each row's tokens in the cache, after the prefix
+    stop = 7
+    for turn, new in enumerate(([[1, 2, 3], [4, 5], [6, 8, 9, 10, 11]], [[12], [13, 14, 15, 16], [17, 18]])):
+        outs = generate(model, new, max_new_tokens=6, cache=cache, stop_ids=[stop])
+        fresh = [generate(model, [prefix + h + x], max_new_tokens=6, stop_ids=[stop])[0]
+                 for h, x in zip(history, new)]
+        assert outs == fresh
+        history = [h + x + o[:len(o) - i] for i, (h, x, o) in enumerate(zip(history, new, outs))]
+        cache.keep_first([len(h) for h in history])    # row i takes back its last i generated tokens
+    cache = cache.select([2, 0], max_len=200)          # row 1 ended; more room for the next turn
+    history = [history[2], history[0]]
+    new = [[19, 20], [21]]
+    outs = generate(model, new, max_new_tokens=6, cache=cache, temperature=1.0, top_p=0.9, seed=5)
+    fresh = generate(model, [prefix + h + x for h, x in zip(history, new)], max_new_tokens=6, temperature=1.0,
+                     top_p=0.9, seed=5)
+    assert outs == fresh and cache.max_len == 200
+
+
 def test_stop_ids_and_stop_strings(tiny_model):
     model, tok = tiny_model
     free = generate(model, [[5, 6, 7]], max_new_tokens=12)[0]

@@ -167,15 +167,17 @@ def test_cached_prefix_plus_continuation_is_the_full_chat(tiny_model, toy):
 
 
 def test_cached_personas_reply_like_full_chats(tiny_long, toy):
-    """Batched replies after the prefix caches are the replies of each full chat run alone (greedy)."""
+    """Batched replies with the prefix caches and per-conversation caches kept across turns (each turn
+    feeds only its new tokens) are the replies of each full chat run alone (greedy)."""
     model, tok = tiny_long
     cfg = synth.SynthConfig(agent_tokens=8, env_tokens=8)
-    firsts = [toy.user_message("Observation: hall"), toy.user_message("Observation: a longer corridor")]
-    cached = synth.roleplay(firsts, *synth.personas(model, tok, toy, GENERIC, cfg, synth.Meter()), max_turns=2)
+    firsts = [toy.user_message("Observation: hall"), toy.user_message("Observation: a longer corridor"),
+              toy.user_message("Observation: a room with a very long description of the four walls")]
+    cached = synth.roleplay(firsts, *synth.personas(model, tok, toy, GENERIC, cfg, synth.Meter()), max_turns=3)
     plain = synth.personas(model, tok, toy, GENERIC, cfg, synth.Meter(), use_cache=False)
-    alone = [synth.roleplay([f], *plain, max_turns=2)[0] for f in firsts]
+    alone = [synth.roleplay([f], *plain, max_turns=3)[0] for f in firsts]
     assert cached == alone
-    assert all(r["turns"] == 2 and r["ended_by"] == "max_turns" for r in cached)
+    assert all(r["turns"] == 3 and r["ended_by"] == "max_turns" for r in cached)
 
 
 # --- pseudo inputs -------------------------------------------------------------------------------------------------
@@ -347,3 +349,19 @@ def test_too_few_valid_inputs_is_one_clear_error(tiny_long, tmp_path):
     prompt = parse_prompt(TOY.replace("toy agent", "shop"))
     with pytest.raises(RuntimeError, match=r"only \d of 4 valid inputs after 1 rounds"):
         run(model, tok, prompt, tmp_path, task="webshop", max_input_rounds=1)
+
+
+def test_cached_replier_when_conversations_leave_the_batch(tiny_long, toy):
+    """A conversation that ended leaves the batch; the others keep their cached rows and still reply
+    exactly as their full chats do."""
+    model, tok = tiny_long
+    build = lambda c: synth.agent_messages(toy, c)
+    cached = synth.model_replier(model, tok, build, toy.turns, 6, (), synth.Meter())
+    plain = synth.model_replier(model, tok, build, toy.turns, 6, (), synth.Meter(), use_cache=False)
+    convs = [[{"role": "user", "content": toy.user_message(x)}] for x in ("a", "b c d e f", "g h")]
+    for turn, rows in enumerate(([0, 1, 2], [0, 2], [2])):
+        batch = [convs[i] for i in rows]
+        got = cached(batch)
+        assert got == [plain([c])[0] for c in batch]
+        for c, text in zip(batch, got):
+            c += [{"role": "assistant", "content": text}, {"role": "user", "content": f"Observation: {turn} " * 3}]
