@@ -137,6 +137,17 @@ class KVCache:
         new.length = self.length
         return new
 
+    def write_rows(self, sub: "KVCache", rows: list[int]):
+        """Take back the slots that `sub` (a select of this cache's `rows`) filled after this cache's
+        last slot; the other rows get padding there."""
+        n0, n1, index = self.length, sub.length, torch.tensor(rows, device=self.valid.device)
+        for dst, src in zip(self.k + self.v, sub.k + sub.v):
+            dst[index, :, n0:n1] = src[:, :, n0:n1]
+        self.valid[:, n0:n1] = False
+        self.valid[index, n0:n1] = sub.valid[:, n0:n1]
+        self.next_pos[index] = sub.next_pos
+        self.length = n1
+
 
 @dataclass
 class _CacheShape:
@@ -297,21 +308,24 @@ class Llama(nn.Module):
 
 
 # ----------------------------------------------------------------------------- generation
-def sample_next(logits, temperature: float, top_p: float, generator=None):
-    """logits: (B, vocab) -> (B,) ids. Greedy at temperature 0, else nucleus sampling (top-p). The nucleus
-    is looked for among the 256 likeliest tokens first (a full sort of the vocabulary costs more than the
-    model's step at batch 1) and in the whole vocabulary only when they do not hold top_p of the mass."""
+def sample_next(logits, temperature: float, top_p: float, generator=None, uniforms=None):
+    """logits: (B, vocab) -> (B,) ids. Greedy at temperature 0, else nucleus sampling (top-p) by inverting
+    the CDF at `uniforms` (B,) (default: drawn from `generator`), so a row's draw does not depend on the
+    other rows. The nucleus is looked for among the 256 likeliest tokens first (a full sort of the
+    vocabulary costs more than the model's step at batch 1), in the whole vocabulary only when they do
+    not hold top_p of the mass."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)                    # (B, vocab)
-    if top_p >= 1.0:
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     top, order = probs.topk(min(256, probs.shape[-1]), dim=-1)                     # (B, k), descending
-    if not bool((top.sum(-1) >= top_p).all()):
+    if top_p >= 1.0 or not bool((top.sum(-1) >= top_p).all()):
         top, order = probs.sort(dim=-1, descending=True)                           # (B, vocab)
     keep = top.cumsum(-1) - top < top_p                 # the smallest set with mass >= top_p
-    choice = torch.multinomial(top * keep, 1, generator=generator)                 # (B, 1) rank in the order
-    return order.gather(-1, choice).squeeze(-1)
+    cdf = (top * keep).cumsum(-1)                                                  # (B, k)
+    if uniforms is None:
+        uniforms = torch.rand(len(probs), generator=generator, device=probs.device)
+    rank = torch.searchsorted(cdf, uniforms[:, None] * cdf[:, -1:], right=True)   # (B, 1)
+    return order.gather(-1, rank.clamp(max=keep.sum(-1, keepdim=True) - 1)).squeeze(-1)
 
 
 def prefill_prefix(model: Llama, prefix_ids: list[int], max_len: int) -> KVCache:
@@ -354,9 +368,13 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
     logits = model(tokens, cache, pad_mask=None if bool(real.all()) else real, last_only=True)[:, -1]
     out, done, stops = [[] for _ in range(B)], [False] * B, set(stop_ids)
+    # Rows that finish leave the batch once they are half of it (the step's cost follows the batch);
+    # `root` is the cache of every row, `cache` the one of the rows still running, `rows` their prompts.
+    root, rows = cache, list(range(B))
     for _ in range(min(max_new_tokens, cache.max_len - cache.length + 1)):
-        nxt = sample_next(logits, temperature, top_p, gen)              # (B,)
-        for i, t in enumerate(nxt.tolist()):
+        uniforms = torch.rand(B, generator=gen, device=p.device)[rows] if temperature > 0 else None
+        nxt = sample_next(logits, temperature, top_p, uniforms=uniforms)          # (rows,)
+        for i, t in zip(rows, nxt.tolist()):
             if done[i]:
                 continue
             if t in stops:
@@ -369,8 +387,16 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
             progress.update(1)
         if all(done) or cache.length >= cache.max_len:
             break
-        running = None if not any(done) else torch.tensor([not d for d in done], device=p.device)[:, None]
+        alive = [j for j, i in enumerate(rows) if not done[i]]
+        if len(alive) <= len(rows) // 2:               # most rows finished: go on with the others only
+            if cache is not root:
+                root.write_rows(cache, rows)
+            cache, nxt, rows = root.select([rows[j] for j in alive]), nxt[alive], [rows[j] for j in alive]
+        running = None if len(alive) == len(rows) else \
+            torch.tensor([not done[i] for i in rows], device=p.device)[:, None]
         logits = model(nxt[:, None], cache, pad_mask=running)[:, -1]   # a finished row's token is padding
+    if cache is not root:
+        root.write_rows(cache, rows)
     return out
 
 
