@@ -143,13 +143,13 @@ def test_continuing_a_cache_over_turns_equals_generating_from_scratch(tiny_model
 
 
 def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, monkeypatch):
-    """Once half the rows have finished, generate goes on with the others only (KVCache.select); every
+    """Once three quarters of the rows have finished, generate goes on with the others only (KVCache.select); every
     row still gets the tokens it gets alone (greedy), and a caller's cache gets every row's tokens back,
     so that the next turn continues each row exactly (greedy and sampled)."""
     model, _ = tiny_model
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
     free = generate(model, prompts, max_new_tokens=12)
-    stops = [free[0][1], free[1][3]]                    # rows 0 and 1 end early
+    stops = [free[0][1], free[1][3], free[2][2]]        # rows 0, 1 and 2 end early
     selects = []
     original = KVCache.select
     monkeypatch.setattr(KVCache, "select", lambda self, *a, **k: selects.append(1) or original(self, *a, **k))
@@ -157,13 +157,13 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, monk
     assert selects and batched == [generate(model, [x], max_new_tokens=12, stop_ids=stops)[0] for x in prompts]
     prefixed = [[1, 2, 3] + x for x in prompts]
     free = generate(model, prefixed, max_new_tokens=12)
-    stops = [free[0][1], free[1][3]]
+    stops = [free[0][1], free[1][3], free[2][2]]
     for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=4)):
         cache = KVCache(model.args, 4, 40, torch.float32, "cpu", shared=prefill_prefix(model, [1, 2, 3], 3))
         selects.clear()
         got = generate(model, prompts, max_new_tokens=12, stop_ids=stops, cache=cache, **kw)
         assert got == generate(model, prefixed, max_new_tokens=12, stop_ids=stops, **kw)
-        assert selects or kw                               # greedy: rows 0 and 1 end early
+        assert selects or kw                               # greedy: three rows end early
         history = [[1, 2, 3] + x + o for x, o in zip(prompts, got)]
         assert cache.valid.sum(1).tolist() == [len(h) - 3 for h in history]   # a stop id is not cached
         turn2 = generate(model, [[30, 31]] * 4, max_new_tokens=5, cache=cache, **kw)
