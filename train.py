@@ -47,9 +47,9 @@ class TrainConfig:
     max_turns: int = 3                     # agent turns per role-played conversation (0 = the task's: OS 10,
                                            # Web Browsing 2, Web Shopping 5)
     epochs: int = 2                        # paper: 10
-    batch_size: int = 4                    # per optimizer step and process, made of micro-batches
+    batch_size: int = 2                    # per optimizer step and process, made of micro-batches (paper: 32)
     micro_batch: int = 1
-    lr: float = 1e-3                       # paper: 1e-4 at 1,000 samples x 10 epochs
+    lr: float = 2e-3                       # paper: 1e-4 at 1,000 samples x 10 epochs; the demo has 8 steps
     warmup: float = 0.03
     weight_decay: float = 0.0
     grad_clip: float = 1.0
