@@ -44,8 +44,8 @@ class TrainConfig:
     # the README: a training step of 4 samples takes ~2 min there); --preset paper gives the paper's run.
     n_samples: int = 8                     # synthetic samples (paper: 1,000)
     held_out: int = 4                      # pseudo inputs kept out of training for the before/after check
-    max_turns: int = 3                     # agent turns per role-played conversation (0 = the task's: OS 10,
-                                           # Web Browsing 2, Web Shopping 5)
+    max_turns: int = 3                     # agent turns per role-played conversation, at most the task's
+                                           # (OS 10, Web Browsing 2, Web Shopping 5); 0 = the task's
     epochs: int = 2                        # paper: 10
     batch_size: int = 2                    # per optimizer step and process, made of micro-batches (paper: 32)
     micro_batch: int = 1
@@ -89,8 +89,9 @@ def load_or_synthesize(cfg, prompt, model, tok, data_dir, is_main):
     runs/<name>/data was made with the same settings (it refuses data made with other ones)."""
     if is_main:
         try:
+            turns = min(cfg.max_turns, synth.detect_task(prompt).max_turns) if cfg.max_turns else None
             records = synth.synthesize(prompt, data_dir, cfg.n_samples + cfg.held_out, model, tok, seed=cfg.seed,
-                                       max_turns=cfg.max_turns or None)
+                                       max_turns=turns)
         except synth.SettingsMismatch as e:
             raise SystemExit(f"error: {e}\n(pick another --name, or delete {data_dir} to synthesize anew)")
     if torch.distributed.is_initialized():
