@@ -32,34 +32,34 @@ from prompts import PromptFileError, load_prompt
 
 @dataclass
 class TrainConfig:
-    prompt: str = "prompts/webshop.txt"
+    prompt: str = "prompts/webshop.txt"   # the agent prompt file to internalize (<USER>: / <AGENT>: turns)
     model: str | None = None               # checkpoint for load_model; None = embedded SmolLM2
     data: str | None = None                # an existing data.jsonl to train on (default: synthesize)
     name: str | None = None                # run name; default = the prompt file's stem
-    runs: str = "runs"
-    method: str = "genpi"
-    pg_target: str = "prompt+reason"
+    runs: str = "runs"                     # run directories go to RUNS/NAME (data/, checkpoint/, adapter/)
+    method: str = "genpi"                  # genpi, sft, prepend, prepend50, seqkd, seqkd_kld, kld (Tables 1-2)
+    pg_target: str = "prompt+reason"       # what the PG loss generates (Table 3 ablations)
     lam: float = 0.7                       # weight of L_SFT in the joint loss
     # The defaults are a demo that finishes in ~15 minutes on 2 CPU cores with the 135M model (measured in
-    # the README: a training step of 4 samples takes ~2 min there); --preset paper gives the paper's run.
+    # the README: a training step of 2 samples takes ~1 min there); --preset paper gives the paper's run.
     n_samples: int = 8                     # synthetic samples (paper: 1,000)
     held_out: int = 4                      # pseudo inputs kept out of training for the before/after check
     max_turns: int = 3                     # agent turns per role-played conversation, at most the task's
                                            # (OS 10, Web Browsing 2, Web Shopping 5); 0 = the task's
     epochs: int = 2                        # paper: 10
     batch_size: int = 2                    # per optimizer step and process, made of micro-batches (paper: 32)
-    micro_batch: int = 1
+    micro_batch: int = 1                   # samples per forward pass (gradient accumulation up to batch_size)
     lr: float = 2e-3                       # paper: 1e-4 at 1,000 samples x 10 epochs; the demo has 8 steps
-    warmup: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    max_len: int = 2560
-    r: int = 16
-    alpha: float = 32
-    dropout: float = 0.05
+    warmup: float = 0.03                   # share of steps with linear warmup, then cosine decay
+    weight_decay: float = 0.0              # AdamW weight decay of the LoRA weights
+    grad_clip: float = 1.0                 # gradient norm clipping
+    max_len: int = 2560                    # longer samples are dropped (and counted), never truncated
+    r: int = 16                            # LoRA rank, on all 7 linears of every block
+    alpha: float = 32                      # LoRA scale alpha / r
+    dropout: float = 0.05                  # LoRA dropout
     quantize: str = "nf4"                  # "nf4" (QLoRA) or "none"
-    seed: int = 0
-    resume: bool = False
+    seed: int = 0                          # seeds synthesis, data order, dropout
+    resume: bool = False                   # continue from RUNS/NAME/checkpoint (after Ctrl-C or a crash)
     max_steps: int = 0                     # stop after this many optimizer steps (0 = all epochs)
 
 
@@ -67,15 +67,32 @@ PRESETS = {"paper": dict(n_samples=1000, max_turns=0, epochs=10, batch_size=32, 
                          r=16, alpha=32, dropout=0.05, grad_clip=1.0, seed=0, max_len=4096)}
 
 
+def field_comments(cls) -> dict:
+    """name -> the comment after the field in the class's source (with its continuation lines): the
+    flags' help text, written once beside the defaults."""
+    import inspect
+    comments, name = {}, None
+    for line in inspect.getsource(cls).splitlines():
+        if m := re.match(r"\s+(\w+): [^#]*#\s*(.*)", line):
+            name, comments[m.group(1)] = m.group(1), m.group(2)
+        elif name and (m := re.match(r"\s{12,}#\s*(.*)", line)):        # a continuation, aligned under it
+            comments[name] += " " + m.group(1)
+        else:
+            name = None
+    return comments
+
+
 def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = field_comments(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        text = f"{comments.get(f.name, '')} (default: {f.default})".strip()
         if f.type is bool:
-            ap.add_argument(flag, action="store_true", help=f"(default: {f.default})")
+            ap.add_argument(flag, action="store_true", help=text)
         else:
             kind = f.type if f.type in (int, float) else str
-            ap.add_argument(flag, type=kind, default=None, help=f"(default: {f.default})")
+            ap.add_argument(flag, type=kind, default=None, help=text)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings (appendix C.4)")
     a = vars(ap.parse_args(argv))
     preset = PRESETS.get(a.pop("preset") or "", {})
