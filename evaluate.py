@@ -41,7 +41,7 @@ from agentbench_env import make
 from agentbench_env import mind2web as mind2web_env
 from agentbench_env import os_env
 from agentbench_env import webshop as webshop_env
-from model import KVCache, generate, load_model, prefill_prefix
+from model import KVCache, common_prefix_length, generate, load_model, prefill_prefix
 from prompts import load_prompt
 
 TASKS = ("os", "mind2web", "webshop")                      # Table 1's column order
@@ -90,12 +90,6 @@ def normalized(score, upper):
 
 
 # ----------------------------------------------------------------------------- the agent: model replies
-def common_prefix_length(a, b):
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
 
 def copy_cache(model, source, size):
     """A new batch-1 cache of `size` slots holding `source`'s tokens (or empty when source is None)."""

@@ -350,6 +350,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
     it finished are padding. Use `cache.keep_first` to take back tokens before the next turn."""
     p = next(model.parameters())
     B, longest = len(prompts), max(len(x) for x in prompts)
+    callers_cache = cache is not None
     if cache is None:
         past = prefix.length if prefix is not None else 0
         if past + longest >= model.args.max_seq_len:
@@ -396,9 +397,17 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
         running = None if len(alive) == len(rows) else \
             torch.tensor([not done[i] for i in rows], device=p.device)[:, None]
         logits = model(nxt[:, None], cache, pad_mask=running)[:, -1]   # a finished row's token is padding
-    if cache is not root:
-        root.write_rows(cache, rows)
+    if callers_cache and cache is not root:
+        root.write_rows(cache, rows)                # the caller's cache gets the last rows' tokens back
     return out
+
+
+def common_prefix_length(a: list, b: list) -> int:
+    """How many leading ids two id lists share: how much of a cached chat a longer chat can keep."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def cut_at_stop(text: str, stop_strings) -> str:

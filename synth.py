@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import KVCache, cut_at_stop, generate, load_model, prefill_prefix
+from model import KVCache, common_prefix_length, cut_at_stop, generate, load_model, prefill_prefix
 from prompts import AgentPrompt, example_inputs, load_prompt
 
 END = "[END_CONVERSATION]"
@@ -571,15 +571,6 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
                      fed=[(x + o)[:n] for x, o, n in zip(ids, out_ids, in_cache)])
         return [cut_at_stop(text, stops).strip() for text, _ in outs]     # an END stays in the text
     return reply
-
-
-def common_prefix_length(a: list, b: list) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def personas(model, tok, prompt, task, cfg, meter, use_cache=True):
