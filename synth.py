@@ -550,10 +550,8 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
         if cache is not None and all(k in state["keys"] for k in keys):
             rows = [state["keys"].index(k) for k in keys]
             fed = [state["fed"][r] for r in rows]
-            if rows != list(range(len(state["keys"]))):                 # some conversations ended
-                cache = cache.select(rows)
         else:                                                           # a new batch of conversations
-            cache, fed = None, [[] for _ in ids]
+            cache, rows, fed = None, [], [[] for _ in ids]
         kept = [min(common_prefix_length(f, x), len(x) - 1) for f, x in zip(fed, ids)]   # >= 1 new token
         new = [x[n:] for x, n in zip(ids, kept)]
         slots = (cache.length if cache is not None else 0) + max(len(x) for x in new) + n_new + 1
@@ -561,8 +559,8 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
             cache = KVCache(model.args, len(ids), min(room, max(len(x) for x in ids) + 4 * (n_new + 64)),
                             prefix_cache.k[0].dtype, prefix_cache.k[0].device, shared=prefix_cache)
             kept, new = [0] * len(ids), ids
-        elif slots > cache.max_len:
-            cache = cache.select(list(range(len(ids))), max_len=min(room, slots + 4 * (n_new + 64)))
+        elif slots > cache.max_len or rows != list(range(cache.batch)):  # grow, or some conversations ended
+            cache = cache.select(rows, max_len=min(room, slots + 4 * (n_new + 64)) if slots > cache.max_len else None)
         cache.keep_first(kept)
         out_ids = []
         outs = complete(model, tok, new, n_new, cache=cache, stops=stops + (END,), meter=meter, out_ids=out_ids)
