@@ -118,7 +118,51 @@ def token_ce(logits, labels):
 
 
 def lm_loss(model, tokens, labels):
-    return token_ce(model(tokens), labels)
+    """token_ce(model(tokens), labels) without the (B, T, vocab) logits: only the trained positions go
+    through the LM head, in chunks (linear_cross_entropy)."""
+    hidden = model(tokens, head=False)                              # (B, T, dim)
+    keep = labels[:, 1:] != IGNORE                                  # (B, T-1)
+    return linear_cross_entropy(hidden[:, :-1][keep], model.lm_head.weight, labels[:, 1:][keep])
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h @ W^T, computed chunk by chunk of rows so the (N, vocab) logits
+    never exist at once; the gradient for h is computed in the same pass (softmax - one-hot) @ W and
+    kept, so backward only scales it. W (the frozen LM head) gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):                    # h: (N, dim), weight: (V, dim)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for i in range(0, len(h), chunk):
+            t = targets[i:i + chunk]                                # (c,)
+            logits = (h[i:i + chunk] @ weight.t()).float()          # (c, V)
+            probs = logits.softmax(-1)                              # (c, V): one fused pass
+            nll = -probs.gather(1, t[:, None])[:, 0].log()          # (c,)
+            tiny = ~torch.isfinite(nll)                             # p_t underflowed: the exact form
+            if bool(tiny.any()):
+                nll[tiny] = logits[tiny].logsumexp(-1) - logits[tiny].gather(1, t[tiny, None])[:, 0]
+            total += nll.sum()
+            if grad_h is not None:
+                probs[torch.arange(len(t), device=h.device), t] -= 1   # d nll / d logits
+                grad_h[i:i + chunk] = probs.to(weight.dtype) @ weight          # (c, dim)
+        n = len(h)
+        ctx.save_for_backward(grad_h / n if grad_h is not None else None)
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None
+
+
+def linear_cross_entropy(h, weight, targets, chunk: int = 256):
+    """F.cross_entropy(h @ weight.T, targets) for h (N, dim) and a frozen weight (vocab, dim), in chunks
+    of rows. Measured on SmolLM2 (vocab 49,152), 2 CPU threads: saves the full-vocabulary log-softmax
+    and its backward over a (B*T, vocab) tensor (~0.7 s of a 9 s step of 1,024 tokens)."""
+    if weight.requires_grad:
+        raise ValueError("linear_cross_entropy computes no gradient for the LM head; freeze it")
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
 def joint_loss(pg_loss, sft_loss, lam: float):

@@ -263,10 +263,11 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
-    def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False):
+    def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False, head=True):
         """tokens: (B, T) ids; pad_mask: (B, T) bool, True for real tokens (None = all real).
-        Returns logits (B, T, vocab), or (B, 1, vocab) with `last_only`. With a cache, the tokens go in
-        the next T slots and the cache advances."""
+        Returns logits (B, T, vocab), or (B, 1, vocab) with `last_only`; with `head=False`, the final
+        normed hidden states (B, T, dim) instead (training applies the LM head itself, see
+        loss.linear_cross_entropy). With a cache, the tokens go in the next T slots and the cache advances."""
         B, T = tokens.shape
         past = cache.length if cache is not None else 0
         prefix = cache.prefix_len if cache is not None else 0
@@ -289,7 +290,8 @@ class Llama(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.norm(x))                                              # (B, T, vocab)
+        x = self.norm(x)                                                               # (B, T, dim)
+        return self.lm_head(x) if head else x                                          # (B, T, vocab)
 
     @staticmethod
     def _attention_mask(real, cache, padded):

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import synth
 from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
-from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, token_ce
+from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
 from model import generate, load_model
 from prompts import PromptFileError, load_prompt
 
@@ -182,8 +182,8 @@ def train_step(model, batch, cfg, pad_id, device):
     """One micro-batch: the method's loss. Returns (loss, {name: value})."""
     sft, pg, teacher = batch
     tokens, labels = collate(sft, pad_id, device)
-    logits = model(tokens)
-    if cfg.method in ("kld", "seqkd_kld"):
+    if cfg.method in ("kld", "seqkd_kld"):                     # KLD needs the full logits of both models
+        logits = model(tokens)
         t_tokens, t_labels = collate(teacher, pad_id, device)
         with torch.no_grad(), adapter_disabled(model):
             t_logits = model(t_tokens)
@@ -192,11 +192,10 @@ def train_step(model, batch, cfg, pad_id, device):
             return kl, {"kld": kl.item()}
         ce = token_ce(logits, labels)
         return ce + kl, {"sft": ce.item(), "kld": kl.item()}
-    sft_loss = token_ce(logits, labels)
+    sft_loss = lm_loss(model, tokens, labels)
     if cfg.method != "genpi":
         return sft_loss, {"sft": sft_loss.item()}
-    pg_tokens, pg_labels = collate(pg, pad_id, device)
-    pg_loss = token_ce(model(pg_tokens), pg_labels)
+    pg_loss = lm_loss(model, *collate(pg, pad_id, device))
     return joint_loss(pg_loss, sft_loss, cfg.lam), {"pg": pg_loss.item(), "sft": sft_loss.item()}
 
 

@@ -4,8 +4,11 @@ Ours: `load_model(quantize="nf4")` (every block linear NF4 with double quantizat
 (r=16, alpha=32, dropout 0.05 on q/k/v/o/gate/up/down). Reference: transformers' LlamaForCausalLM read from
 the same SmolLM2 GGUF, with PEFT LoRA of the same config over the full-precision (not quantized) weights.
 One step = forward + next-token cross-entropy + backward + AdamW (lr 1e-4) on the LoRA parameters, for a
-batch of --batch x --seq-len random token ids. Both sides compute in the same dtype, `model.default_dtype`
-(fp32 on CPUs without native bf16 matmul). After one warm-up step, the median of --steps steps.
+batch of --batch x --seq-len random token ids; each side computes the loss the way its training code
+does (ours: loss.lm_loss; transformers: full logits, then F.cross_entropy). Ours computes in
+`model.default_dtype` (fp32 on CPUs without native bf16 matmul); the reference runs in each of
+--peft-dtypes (the performance issue names bf16; fp32 is its faster dtype on such CPUs). After one
+warm-up step, the median of --steps steps.
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
 """
@@ -20,18 +23,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
+from loss import lm_loss  # noqa: E402
 from model import default_dtype, embedded_model_path, load_model  # noqa: E402
 
 
-def step_time(forward, params, tokens, steps):
+def step_time(loss_fn, params, tokens, steps):
     """Median seconds of forward + loss + backward + AdamW step, after one warm-up step."""
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     times = []
     for i in range(steps + 1):
         t = time.perf_counter()
-        logits = forward(tokens)                                                   # (B, T, vocab)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
+        loss_fn(tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i > 0:
@@ -43,7 +45,8 @@ def bench_ours(tokens, steps, dtype):
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    return step_time(model, params, tokens, steps), count_trainable(model)
+    # the loss train.py uses: the LM head only over trained positions, chunked (loss.lm_loss)
+    return step_time(lambda x: lm_loss(model, x, x), params, tokens, steps), count_trainable(model)
 
 
 def bench_peft(tokens, steps, dtype):
@@ -56,7 +59,10 @@ def bench_peft(tokens, steps, dtype):
                                        target_modules=list(cfg.targets), task_type="CAUSAL_LM")).train()
     params = [p for p in pm.parameters() if p.requires_grad]
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in pm.parameters())
-    return step_time(lambda x: pm(input_ids=x).logits, params, tokens, steps), (trainable, total)
+    def loss_fn(x):
+        logits = pm(input_ids=x).logits                                            # (B, T, vocab)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+    return step_time(loss_fn, params, tokens, steps), (trainable, total)
 
 
 def main():
@@ -65,6 +71,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peft-dtypes", default="fp32,bf16",
+                    help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     dtype = default_dtype("cpu")
@@ -75,14 +83,25 @@ def main():
           f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after 1 warm-up")
     ours, (o_train, o_total) = bench_ours(tokens, args.steps, dtype)
     print(f"  ours done: {ours:.2f} s/step")
-    ref, (r_train, r_total) = bench_peft(tokens, args.steps, dtype)
-    print(f"  transformers + peft done: {ref:.2f} s/step\n")
-    print(f"| {'implementation':<40} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
-    print(f"|{'-' * 42}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
-    for name, s, tr, tot in [("ours: NF4 base + LoRA (QLoRA)", ours, o_train, o_total),
-                             ("transformers + peft: LoRA, dense base", ref, r_train, r_total)]:
-        print(f"| {name:<40} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
-    print(f"\nours / transformers+peft throughput: {ref / ours:.2f}x")
+    refs = {}
+    for name in args.peft_dtypes.split(","):
+        refs[name], (r_train, r_total) = bench_peft(tokens, args.steps, DTYPES[name])
+        print(f"  transformers + peft ({name}) done: {refs[name]:.2f} s/step")
+    print(f"\n| {'implementation':<44} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
+    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
+    rows = [(f"ours: NF4 base + LoRA (QLoRA), {dtype_name(dtype)}", ours, o_train, o_total)]
+    rows += [(f"transformers + peft: LoRA, dense base, {name}", s, r_train, r_total) for name, s in refs.items()]
+    for name, s, tr, tot in rows:
+        print(f"| {name:<44} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
+    for name, s in refs.items():
+        print(f"ours / transformers+peft {name} throughput: {s / ours:.2f}x")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def dtype_name(dtype):
+    return {v: k for k, v in DTYPES.items()}[dtype]
 
 
 if __name__ == "__main__":

@@ -73,6 +73,28 @@ def test_layer_is_base_plus_scaled_low_rank_update():
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
 
 
+def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
+    """q, k, v read one x: one dropout mask for the three (PEFT's statistics per layer: each element
+    kept with probability 1 - p, scaled by 1 / (1 - p)); a new or modified input gets a new draw."""
+    model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    add_lora(model, LoRAConfig(r=4, dropout=0.5)).train()
+    attn = model.layers[0].self_attn
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    x = torch.ones(8, q.in_features)
+    dq, dk, dv = q.dropped(x), k.dropped(x), v.dropped(x)
+    assert dq is dk is dv                                                   # one draw for the three
+    assert set(dq.unique().tolist()) == {0.0, 2.0} and 0.35 < (dq == 0).float().mean() < 0.65
+    assert not torch.equal(q.dropped(torch.ones_like(x)), dq)                # another tensor: a new draw
+    x.mul_(1.0)                                                              # modified in place: a new draw
+    assert not torch.equal(k.dropped(x), dq)
+    model.eval()
+    assert torch.equal(q.dropped(x), x)                                      # eval: no dropout
+    randomize_B(our_Bs(model))
+    y = torch.randn(4, q.in_features)
+    for layer in (q, k, v):                                                  # and the layers' outputs still
+        torch.testing.assert_close(layer(y), layer.base(y) + y @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scale)
+
+
 def test_initialization_matches_peft(tmp_path):
     hf, ours = tiny(tmp_path)
     torch.manual_seed(7)

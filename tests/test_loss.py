@@ -103,6 +103,30 @@ def test_over_long_samples_are_dropped_and_counted_never_truncated(tiny_model):
         build_samples(tok, [RECORD], PROMPT, "magic", "prompt+reason", 100)
 
 
+@pytest.mark.parametrize("scale", [1.0, 60.0])     # 60: some target probabilities underflow to 0 in fp32
+def test_linear_cross_entropy_equals_full_logits_cross_entropy(scale):
+    from loss import linear_cross_entropy
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(300, 32, generator=g) * scale).requires_grad_()
+    w, t = torch.randn(500, 32, generator=g), torch.randint(0, 500, (300,), generator=g)
+    ours = linear_cross_entropy(h, w, t, chunk=64)                            # 300 rows: chunks of 64 and 44
+    (2 * ours).backward()
+    grad, h.grad = h.grad.clone(), None
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t)
+    (2 * ref).backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad, h.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="freeze"):
+        linear_cross_entropy(h, w.requires_grad_(), t)
+
+
+def test_lm_loss_equals_token_ce_of_the_logits(tiny_dir):
+    from model import load_model
+    model, tok = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    tokens, labels = collate([sft_sample(tok, RECORD), pg_sample(tok, RECORD, PROMPT)], 0)   # padded batch
+    torch.testing.assert_close(lm_loss(model, tokens, labels), token_ce(model(tokens), labels), rtol=1e-6, atol=1e-6)
+
+
 def test_tiny_model_loss_falls_on_a_fixed_batch(tiny_dir):
     from lora import LoRAConfig, add_lora
     from model import load_model
