@@ -180,6 +180,34 @@ def attend_after_prefix(q, k, v, kp, vp, mask):
 
 
 # ----------------------------------------------------------------------------- the network
+SPLIT, SPLIT_MAX_ROWS = 4, 64    # see `linear`; SPLIT_MAX_ROWS = 0 turns the split off
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), faster on a CPU for a few rows, as in decoding. PyTorch's CPU fp32
+    matmul runs a product of a few rows on one thread, and reading the weight from memory is the
+    cost; here the weight's output rows are cut into SPLIT blocks multiplied as one batched matmul,
+    which spreads them over the threads: the same dot products, summed in another order (~1e-7
+    relative). Measured on 2 cores, SmolLM2's 211 linears: 15 ms instead of 50 ms at 1 row, 67 instead
+    of 90 ms at 16 rows, 157 instead of 173 ms at 64 rows. More rows (prefill, training) and other
+    devices take F.linear."""
+    out_features, in_features = weight.shape
+    rows = x.numel() // in_features
+    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or out_features % SPLIT or bias is not None:
+        return F.linear(x, weight, bias)
+    w = weight.view(SPLIT, -1, in_features)                                  # (S, out/S, in)
+    xt = x.reshape(rows, in_features).t().expand(SPLIT, -1, -1)              # (S, in, rows)
+    y = torch.bmm(w, xt)                                                     # (S, out/S, rows)
+    return y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features)          # (..., out)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear` (above): faster for the few rows of a decoding step on a CPU."""
+
+    def forward(self, x):
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -194,10 +222,10 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.layer = args.n_heads, args.n_kv_heads, args.head_dim, layer
-        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_proj = Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -230,9 +258,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.gate_proj = Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -258,7 +286,7 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)

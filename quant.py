@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model import linear
+
 # The 16 NF4 values (bitsandbytes `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to
 # [-1, 1], with an exact zero. A 4-bit code is an index into this table.
 NF4_CODE = torch.tensor([
@@ -189,7 +191,7 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = dequantize_nf4(self.state, dtype=x.dtype)  # (out_features, in_features)
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)       # F.linear, split over the threads for a few rows
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nf4, bias={self.bias is not None}"

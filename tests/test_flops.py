@@ -16,11 +16,20 @@ import torch.nn as nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import model
 import profile_flops as pf
 from model import CONFIGS, KVCache, Llama, ModelArgs
 
 TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=128, max_seq_len=256,
                  tie_embeddings=False, name="tiny")
+
+
+@pytest.fixture(autouse=True)
+def linears_as_mm(monkeypatch):
+    """FlopCounterMode names each op: with the split of few-row linears (model.linear) off, every
+    linear counts as mm and attention as bmm, so the two can be told apart. The split does the same
+    FLOPs (test_split_linears_count_the_same_flops)."""
+    monkeypatch.setattr(model, "SPLIT_MAX_ROWS", 0)
 
 
 def measured(fn):
@@ -55,6 +64,15 @@ def test_full_forward_matches_flop_counter_per_linear(tiny):
     assert counts["Llama.lm_head"]["mm"] == ours["lm_head"]["flops"]
     assert counts["Global"] == {"mm": linear_flops(ours), "bmm": attention_flops(ours)}
     assert ours["flops_matmul"] == sum(counts["Global"].values()) == 2 * ours["macs"]
+
+
+def test_split_linears_count_the_same_flops(tiny, monkeypatch):
+    """A decoding step's linears (few rows) run as SPLIT-way batched matmuls: the same FLOPs."""
+    monkeypatch.setattr(model, "SPLIT_MAX_ROWS", 64)
+    tokens = torch.randint(0, 300, (1, 10))
+    split = measured(lambda: tiny(tokens))["Global"]
+    ours = pf.count_forward(TINY, 10)
+    assert "mm" not in split and split["bmm"] == linear_flops(ours) + attention_flops(ours)
 
 
 def test_batch_padding_and_last_only(tiny):

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import save_tiny_llama
 from model import CheckpointError, KVCache, generate, load_model, prefill_prefix
@@ -69,6 +70,25 @@ def test_sharded_safetensors_with_index(tmp_path):
 
 
 # ----------------------------------------------------------------------------- KV cache
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 65])
+def test_split_linear_equals_f_linear(rows):
+    """model.linear splits a few-row product over the threads (decode); the same numbers as F.linear
+    up to summation order, gradients included; more rows, odd widths and a bias take F.linear itself."""
+    from model import linear
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g, requires_grad=True)
+    w = torch.randn(200, 96, generator=g, requires_grad=True)
+    y = linear(x, w)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
+    rx, rw = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
+    torch.testing.assert_close((gx, gw), (rx, rw), rtol=1e-5, atol=1e-4)
+    assert torch.equal(linear(x[None], w)[0], y)                              # leading dims are flattened
+    w_odd, b = torch.randn(201, 96, generator=g), torch.randn(200, generator=g)
+    assert torch.equal(linear(x, w_odd), F.linear(x, w_odd))
+    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
 def test_cache_prefill_then_decode_equals_full_forward_with_padding(tiny_model):
     model, _ = tiny_model
     g = torch.Generator().manual_seed(0)

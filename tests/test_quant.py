@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import model
 from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, dequantize_nf4, nf4_nbytes,
                    quantize_linears, quantize_nf4, quantized_footprint)
 
@@ -115,7 +116,9 @@ def test_linear4bit_without_bias():
     layer = Linear4bit.from_linear(linear)
     assert layer.bias is None and "bias" not in layer.state_dict()
     x = torch.randn(2, 128)
-    assert torch.equal(layer(x), x @ dequantize_nf4(layer.state, torch.float32).T)
+    w = dequantize_nf4(layer.state, torch.float32)
+    assert torch.equal(layer(x), model.linear(x, w))        # the same product as a dense layer's
+    torch.testing.assert_close(layer(x), x @ w.T, rtol=1e-5, atol=1e-6)
 
 
 def test_quantize_linears_swaps_named_children():
