@@ -265,6 +265,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"longest agent reply, in tokens (default {MAX_NEW_TOKENS})")
     ap.add_argument("--out", default=os.path.join("runs", "eval"), help="transcripts go to OUT/<task>/<system>/")
     ap.add_argument("--json", metavar="FILE", help="write the summary as JSON")
+    ap.add_argument("--no-baselines", action="store_true",
+                    help="score only the --adapter systems (no upper bound, so no Norm. or teacher agreement; "
+                         "reproduce.py computes them from an earlier run's)")
     return ap.parse_args(argv)
 
 
@@ -274,6 +277,8 @@ def check_args(args):
         raise EvalError(f"--limit must be >= 0, got {args.limit}")
     if args.max_new_tokens < 1:
         raise EvalError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.no_baselines and not args.adapter:
+        raise EvalError("--no-baselines needs at least one --adapter")
     if args.tasks and args.task == "all":
         raise EvalError("--tasks needs a single --task (os, mind2web or webshop), not all")
     if args.tasks and not os.path.isfile(args.tasks):
@@ -293,9 +298,9 @@ def load_env(task, args):
     return make(task, args.tasks)
 
 
-def systems_of(adapters):
+def systems_of(adapters, baselines=True):
     systems = [dict(name="upper bound (base + prompt)", slug="upper-bound", with_prompt=True, adapter=None),
-               dict(name="base, no prompt", slug="no-prompt", with_prompt=False, adapter=None)]
+               dict(name="base, no prompt", slug="no-prompt", with_prompt=False, adapter=None)] if baselines else []
     for directory in adapters:
         systems.append(dict(name=f"GenPI {directory}", slug="adapter-" + slug(directory), with_prompt=False,
                             adapter=directory))
@@ -338,10 +343,10 @@ def main(argv=None):
     for index, problem in getattr(envs.get("os"), "skipped", []):
         print(f"skipped OS task {index}: {problem}", file=sys.stderr)
 
-    systems = systems_of(args.adapter)
+    systems = systems_of(args.adapter, baselines=not args.no_baselines)
     try:                                                               # the model, and every adapter tried on it
         model, tok = load_base(args)
-        for system in systems[2:] + systems[:1]:
+        for system in [s for s in systems if s["adapter"]] + systems[:1]:
             model = use_system(model, system, args)
     except ValueError as e:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
@@ -364,13 +369,13 @@ def main(argv=None):
                   file=sys.stderr)
 
     for t in tasks:
-        teacher_name = systems[0]["name"]
-        upper = results[t][teacher_name]["score"]
+        teacher = systems[0] if systems[0]["with_prompt"] else None
+        upper = results[t][teacher["name"]]["score"] if teacher else None
         for system in systems:
             r = results[t][system["name"]]
             r["normalized"] = normalized(r["score"], upper)
-            r["first_action_agreement"] = "teacher" if system is systems[0] else first_action_agreement(
-                t, episodes[t][system["name"]], episodes[t][teacher_name])
+            r["first_action_agreement"] = "teacher" if system is teacher else None if teacher is None else \
+                first_action_agreement(t, episodes[t][system["name"]], episodes[t][teacher["name"]])
     print(f"\nLocal AgentBench, {model.args.name}; scores x100, Norm. = 100 * score / upper bound (Table 1)\n")
     print(table1(results, tasks))
     print("\nDiagnostics: valid-action rate over all agent replies; agreement = first action equals the teacher's\n")
