@@ -17,6 +17,7 @@ sittings. Adapters and transcripts stay under runs/reproduce/.
 """
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -72,11 +73,13 @@ def run(cmd, log_path: Path):
     """Run one step's command, its output to the terminal and to log_path; a failure stops the grid."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print("$ " + " ".join(cmd), flush=True)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            log.write(line)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}                       # progress bars as they come
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        while chunk := os.read(proc.stdout.fileno(), 4096):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk)
     if proc.wait() != 0:
         raise SystemExit(f"reproduce.py: step failed (exit {proc.returncode}); its log: {log_path}")
 

@@ -40,8 +40,8 @@ class TrainConfig:
     method: str = "genpi"                  # genpi, sft, prepend, prepend50, seqkd, seqkd_kld, kld (Tables 1-2)
     pg_target: str = "prompt+reason"       # what the PG loss generates (Table 3 ablations)
     lam: float = 0.7                       # weight of L_SFT in the joint loss
-    # The defaults are a demo that finishes in ~15 minutes on 2 CPU cores with the 135M model (measured in
-    # the README: a training step of 2 samples takes ~1 min there); --preset paper gives the paper's run.
+    # The defaults are a demo that finishes in ~10 minutes on 2 CPU cores with the 135M model (measured in
+    # the README: a training step of 2 samples takes ~45 s there); --preset paper gives the paper's run.
     n_samples: int = 8                     # synthetic samples (paper: 1,000)
     held_out: int = 4                      # pseudo inputs kept out of training for the before/after check
     max_turns: int = 3                     # agent turns per role-played conversation, at most the task's

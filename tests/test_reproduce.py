@@ -115,3 +115,13 @@ def test_dry_run_lists_steps_and_bad_names_fail(grid, capsys):
     assert calls == [] and len(lines) == 5 and all(line.startswith("to do") for line in lines)
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--methods", "genpi,magic"])
+
+
+def test_a_step_command_is_logged_and_a_failure_stops_the_grid(tmp_path, capsys):
+    import sys
+    reproduce.run([sys.executable, "-c", "print('progress 1/2'); import sys; print('warn', file=sys.stderr)"],
+                  tmp_path / "ok.log")
+    assert (tmp_path / "ok.log").read_text().splitlines() == ["progress 1/2", "warn"]
+    assert "progress 1/2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="exit 3.*bad.log"):
+        reproduce.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log")
