@@ -232,7 +232,7 @@ def quality_table(res, tasks):
     return "\n".join(lines)
 
 
-def efficiency_lines(res):
+def efficiency_lines(res, results_dir):
     flops = res.get("flops")
     if not flops:
         return ["(profile_flops.py has not run yet)"]
@@ -242,8 +242,8 @@ def efficiency_lines(res):
         saving = lambda k: 100 * (1 - sum(t[k] for t in genpi) / sum(t[k] for t in full))
         latency = f"{saving('latency_s'):.1f}%" if "latency_s" in full[0] else "-"
         lines.append(f"| {title} | {saving('macs'):.1f}% | {latency} |")
-    lines.append("\nPaper (Llama-3-8B, cached): 39% MACs, 17% latency. Plots: results/plots/fig3_no_cache.png, "
-                 "results/plots/fig4_cached.png")
+    lines.append(f"\nPaper (Llama-3-8B, cached): 39% MACs, 17% latency. Plots: {results_dir}/plots/fig3_no_cache.png, "
+                 f"{results_dir}/plots/fig4_cached.png")
     return lines
 
 
@@ -268,17 +268,19 @@ def ordering_lines(res, tasks):
     return lines
 
 
-def write_report(args, res, path: Path):
+def write_report(args, res, path: Path, n_steps: int):
     tasks = [t for t in TASKS if any(k.startswith(t + "/") for k in res)]
     seconds = sum(r.get("seconds", 0) for r in res.values())
+    commands = list(dict.fromkeys(r.get("command", "?") for r in res.values()))     # in order of first use
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     import torch
     text = [
         "# Results: the paper's tables on this machine",
         "",
-        f"Produced by `python reproduce.py --scale {args.scale}` (then `python reproduce.py --report`) at commit "
-        f"{commit or 'unknown'}, on {platform.machine()} with {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}. Steps done: {len(res)}; their wall time: {seconds / 60:.0f} min. Scale "
+        f"Produced by `python reproduce.py{'' if args.scale == 'tiny' else ' --scale ' + args.scale}`, in "
+        f"{len(commands)} sitting(s): {', '.join(f'`{c}`' for c in commands) or 'none yet'}; report written at commit {commit or 'unknown'} "
+        f"on {platform.machine()} with {torch.get_num_threads()} threads, torch {torch.__version__}. "
+        f"**Steps done: {len(res)} of {n_steps}**; their wall time: {seconds / 60:.0f} min. Scale "
         f"`{args.scale}`: {SCALES[args.scale]['samples']} synthetic samples, train.py "
         f"`{' '.join(SCALES[args.scale]['train'])}`, episodes per task {SCALES[args.scale]['limit']}. Model: "
         f"{args.model or 'embedded SmolLM2-135M-Instruct'} (the paper: Llama-3-8B-Instruct, 1,000 samples).",
@@ -294,7 +296,7 @@ def write_report(args, res, path: Path):
         "", "## Table 3: orderings", "", score_table(res, tasks, ["genpi", "reason_given_prompt", "prompt_given_reason"]),
         "", "## Diagnostics of every trained run", "", diagnostics_table(res, tasks),
         "", "## Table 4: synthetic data quality", "", quality_table(res, tasks),
-        "", "## Efficiency (figures 3-4, section 8)", "", *efficiency_lines(res), "",
+        "", "## Efficiency (figures 3-4, section 8)", "", *efficiency_lines(res, args.results), "",
     ]
     write_atomic(str(path), "\n".join(text))
     print(f"wrote {path}")
@@ -308,13 +310,16 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, default=3, help="seeds of GenPI and SFT only on Web Shopping (default 3)")
     ap.add_argument("--scale", choices=sorted(SCALES), default="tiny", help="tiny (default), demo or paper")
     ap.add_argument("--model", help="checkpoint for every step (default: the embedded SmolLM2)")
-    ap.add_argument("--runs", default="runs/reproduce", help="adapters, data and transcripts (not committed)")
-    ap.add_argument("--results", default="results", help="the small per-step JSONs (commit them)")
-    ap.add_argument("--report-file", default="RESULTS.md")
+    ap.add_argument("--runs", default="runs/reproduce", help="adapters, data and transcripts go to RUNS/<scale> (not committed)")
+    ap.add_argument("--results", default="results", help="the small per-step JSONs go to RESULTS/<scale> (commit them)")
+    ap.add_argument("--report-file", help="default: RESULTS.md for the default scale, else RESULTS-<scale>.md")
     ap.add_argument("--no-flops", action="store_true", help="skip profile_flops.py")
     ap.add_argument("--dry-run", action="store_true", help="list the steps and which are done; run nothing")
     ap.add_argument("--report", action="store_true", help="only write the report from the results present")
     args = ap.parse_args(argv)
+    args.results, args.runs = str(Path(args.results) / args.scale), str(Path(args.runs) / args.scale)
+    if args.report_file is None:
+        args.report_file = "RESULTS.md" if args.scale == "tiny" else f"RESULTS-{args.scale}.md"
     args.only = [t.strip() for t in args.only.split(",") if t.strip()]
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [t for t in args.only if t not in TASKS] + [m for m in args.methods if m not in RUNS]
@@ -323,22 +328,37 @@ def parse_args(argv=None):
     return args
 
 
+def sitting_command() -> str:
+    return " ".join(["python", "reproduce.py", *sys.argv[1:]]) if Path(sys.argv[0]).name == "reproduce.py" \
+        else "reproduce.main()"
+
+
+def grid_identity(args) -> dict:
+    """What a result depends on besides its step: a result made with other settings is not reused."""
+    return {"scale": args.scale, "settings": SCALES[args.scale], "model": args.model}
+
+
+def is_done(path: Path, identity: dict) -> bool:
+    return path.exists() and json.loads(path.read_text()).get("grid") == identity
+
+
 def main(argv=None):
     args = parse_args(argv)
-    grid = steps(args)
+    grid, identity = steps(args), grid_identity(args)
     if args.dry_run:
         for path, _ in grid:
-            print(f"{'done ' if path.exists() else 'to do'}  {path}")
+            print(f"{'done ' if is_done(path, identity) else 'to do'}  {path}")
         return 0
     if not args.report:
         for i, (path, step) in enumerate(grid):
-            if path.exists():
+            if is_done(path, identity):
                 continue
             print(f"\n=== step {i + 1}/{len(grid)}: {path}", flush=True)
             start = time.time()
-            result = step()
-            write_atomic(str(path), json.dumps({**result, "seconds": time.time() - start}, indent=1) + "\n")
-    write_report(args, load_results(Path(args.results)), Path(args.report_file))
+            result = {**step(), "seconds": time.time() - start, "grid": identity, "command": sitting_command()}
+            write_atomic(str(path), json.dumps(result, indent=1) + "\n")
+    full = steps(parse_args(["--scale", args.scale]))                   # every task, method and seed
+    write_report(args, load_results(Path(args.results)), Path(args.report_file), len(full))
     return 0
 
 

@@ -71,7 +71,7 @@ def test_grid_runs_each_step_once_and_reports_the_numbers(grid):
     assert reproduce.main(argv) == 0
     # data, baselines, 3 seeds of genpi and of sft (train + evaluate each), flops
     assert calls == ["synth.py", "evaluate.py"] + ["train.py", "evaluate.py"] * 6 + ["profile_flops.py"]
-    results = tmp / "results" / "webshop"
+    results = tmp / "results" / "tiny" / "webshop"
     genpi = json.loads((results / "genpi.json").read_text())
     assert genpi["eval"]["normalized"] == 50.0                         # 40 / 80 upper bound
     assert genpi["eval"]["first_action_agreement"] == 1.0               # the teacher's first action
@@ -87,6 +87,11 @@ def test_grid_runs_each_step_once_and_reports_the_numbers(grid):
 
     calls.clear()                                                       # everything done: nothing reruns
     assert reproduce.main(argv) == 0 and calls == []
+    assert "**Steps done: 9 of 47**" in (tmp / "RESULTS.md").read_text()   # 3 x (data, baselines, 12 runs) + 4 seeds + flops
+
+    stale = results / "sft_seed2.json"                                   # made with other settings: made again
+    stale.write_text(json.dumps({**json.loads(stale.read_text()), "grid": {"scale": "tiny", "settings": {}}}))
+    assert reproduce.main(argv) == 0 and calls == ["train.py", "evaluate.py"]
 
 
 def test_an_interrupted_grid_resumes_where_it_stopped(grid):
@@ -100,7 +105,7 @@ def test_an_interrupted_grid_resumes_where_it_stopped(grid):
     reproduce.run = interrupt_at_the_fourth_training
     with pytest.raises(KeyboardInterrupt):
         reproduce.main(argv)
-    done = sorted(p.name for p in (tmp / "results" / "webshop").glob("*.json"))
+    done = sorted(p.name for p in (tmp / "results" / "tiny" / "webshop").glob("*.json"))
     assert done == ["baselines.json", "data.json", "genpi.json", "genpi_seed1.json", "genpi_seed2.json"]
     reproduce.run = run
     calls.clear()
