@@ -69,6 +69,19 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
+def cpu_dropout(x, p: float):
+    """Dropout with the mask cut from 16-bit random numbers, four per 64-bit draw: an element is dropped
+    with probability round(p * 65536) / 65536 (0.0500030 for p = 0.05) and the rest scaled to keep the
+    mean. nn.Dropout draws one random number per element, ~4 ns each on a CPU (mt19937); this draws a
+    quarter as many. Measured for a 2,046 x 1,536 input on 2 threads: 10 ms instead of 32 ms; a demo
+    training sample (2,464 tokens) went from 19.6 to 18.4 s with this and the kv-head repeat in model.py."""
+    n, drop = x.numel(), round(p * 65536)
+    words = torch.randint(-2 ** 63, 2 ** 63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
+    uniform16 = words.view(torch.int16)[:n].view(x.shape)                 # uniform in [-32768, 32767]
+    keep = uniform16 >= drop - 32768
+    return x * keep * (65536 / (65536 - drop))
+
+
 # ----------------------------------------------------------------------------- the layer
 class LoRALinear(nn.Module):
     """A frozen base linear (nn.Linear or NF4 Linear4bit) plus a trainable low-rank update."""
@@ -106,7 +119,8 @@ class LoRALinear(nn.Module):
         memo, key = self.shared_dropout, (version, torch.is_grad_enabled())
         if memo.get("x") is not None and memo["x"]() is x and memo["key"] == key:
             return memo["out"]
-        out = self.dropout(x.to(self.lora_A.weight.dtype))
+        x = x.to(self.lora_A.weight.dtype)
+        out = cpu_dropout(x, self.dropout.p) if x.device.type == "cpu" else self.dropout(x)
         memo.update(x=weakref.ref(x), key=key, out=out)
         return out
 

@@ -95,6 +95,24 @@ def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
         torch.testing.assert_close(layer(y), layer.base(y) + y @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scale)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_cpu_dropout_drops_at_rate_p_and_keeps_the_mean(p):
+    from lora import cpu_dropout
+    torch.manual_seed(0)
+    x = torch.ones(513, 1001)                                                # odd size: the last draw is cut
+    y = cpu_dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5           # within 4 standard errors
+    kept = y[y != 0]
+    assert y.unique().numel() == 2 and torch.allclose(kept, torch.tensor(65536 / (65536 - round(p * 65536))))
+    assert abs(y.mean().item() - 1) < 0.01
+    torch.manual_seed(0)
+    assert torch.equal(cpu_dropout(x, p), y)                                 # the seed fixes the mask
+    assert not torch.equal(cpu_dropout(x, p), y)
+    rows = y.view(513, 1001)                                                 # no pattern along either axis
+    assert rows.eq(0).float().mean(1).std() < 0.05 and rows.eq(0).float().mean(0).std() < 0.05
+
+
 def test_initialization_matches_peft(tmp_path):
     hf, ours = tiny(tmp_path)
     torch.manual_seed(7)
