@@ -119,8 +119,8 @@ class LoRALinear(nn.Module):
         memo, key = self.shared_dropout, (version, torch.is_grad_enabled())
         if memo.get("x") is not None and memo["x"]() is x and memo["key"] == key:
             return memo["out"]
-        x = x.to(self.lora_A.weight.dtype)
-        out = cpu_dropout(x, self.dropout.p) if x.device.type == "cpu" else self.dropout(x)
+        xc = x.to(self.lora_A.weight.dtype)                       # memo keyed on x itself, not this copy
+        out = cpu_dropout(xc, self.dropout.p) if x.device.type == "cpu" else self.dropout(xc)
         memo.update(x=weakref.ref(x), key=key, out=out)
         return out
 
