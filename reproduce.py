@@ -95,9 +95,10 @@ def steps(args):
         limit = ["--limit", str(scale["limit"][task]), "--max-new-tokens", str(scale["max_new_tokens"])]
 
         def synthesize(task=task, prompt=prompt, data=data):
-            turns = [a for i, a in enumerate(scale["train"]) if i and scale["train"][i - 1] == "--max-turns"]
+            train_args = scale["train"]                                 # synthesize as many turns as train.py would
+            turns = ["--max-turns", train_args[train_args.index("--max-turns") + 1]] if "--max-turns" in train_args else []
             run([py, "synth.py", "--prompt", prompt, "--out", str(data), "-n", str(scale["samples"]), "--seed", "0",
-                 *(["--max-turns", turns[0]] if turns else []), *model], data / "synth.log")
+                 *turns, *model], data / "synth.log")
             return {"quality": json.loads((data / "quality.json").read_text()), "samples": scale["samples"]}
         out.append((res / "data.json", synthesize))
 
