@@ -6,11 +6,13 @@ the same SmolLM2 GGUF, with PEFT LoRA of the same config over the full-precision
 One step = forward + next-token cross-entropy + backward + AdamW (lr 1e-4) on the LoRA parameters, for a
 batch of --batch x --seq-len random token ids; each side computes the loss the way its training code
 does (ours: loss.lm_loss; transformers: full logits, then F.cross_entropy). Ours computes in
-`model.default_dtype` (fp32 on CPUs without native bf16 matmul); the reference runs in each of
---peft-dtypes (the performance issue names bf16; fp32 is its faster dtype on such CPUs). After one
-warm-up step, the median of --steps steps.
+--dtype (default `model.default_dtype`: fp32 on CPUs without native bf16 matmul, bf16 otherwise); the
+reference runs in each of --peft-dtypes. The QLoRA issue names bf16 compute for both sides; on a CPU
+without native bf16, fp32 is each side's faster dtype, so run both pairs. After one warm-up step, the
+median of --steps steps.
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
+    python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1   # the issue's setting
 """
 import argparse
 import statistics
@@ -71,11 +73,16 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None,
+                    help="compute dtype of ours (default: model.default_dtype for the CPU)")
     ap.add_argument("--peft-dtypes", default="fp32,bf16",
                     help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
     args = ap.parse_args()
+    unknown = set(args.peft_dtypes.split(",")) - set(DTYPES)
+    if unknown:
+        ap.error(f"--peft-dtypes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(DTYPES)})")
     torch.set_num_threads(args.threads)
-    dtype = default_dtype("cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype("cpu")
     torch.manual_seed(0)
     tokens = torch.randint(0, 49152, (args.batch, args.seq_len))                   # (B, T) SmolLM2 vocab
     n = tokens.numel()
