@@ -8,11 +8,11 @@ batch of --batch x --seq-len random token ids; each side computes the loss the w
 does (ours: loss.lm_loss; transformers: full logits, then F.cross_entropy). Ours computes in
 --dtype (default `model.default_dtype`: fp32 on CPUs without native bf16 matmul, bf16 otherwise); the
 reference runs in each of --peft-dtypes. The QLoRA issue names bf16 compute for both sides; on a CPU
-without native bf16, fp32 is each side's faster dtype, so run both pairs. After one warm-up step, the
-median of --steps steps.
+without native bf16, fp32 is each side's faster dtype, so run both pairs. After --warmup untimed steps
+(default 1), the median of --steps steps.
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
-    python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1   # the issue's setting
+    python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's setting
 """
 import argparse
 import statistics
@@ -29,29 +29,29 @@ from loss import lm_loss  # noqa: E402
 from model import default_dtype, embedded_model_path, load_model  # noqa: E402
 
 
-def step_time(loss_fn, params, tokens, steps):
-    """Median seconds of forward + loss + backward + AdamW step, after one warm-up step."""
+def step_time(loss_fn, params, tokens, steps, warmup):
+    """Median seconds of forward + loss + backward + AdamW step, after `warmup` untimed steps."""
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
     times = []
-    for i in range(steps + 1):
+    for i in range(warmup + steps):
         t = time.perf_counter()
         loss_fn(tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i > 0:
+        if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def bench_ours(tokens, steps, dtype):
+def bench_ours(tokens, steps, warmup, dtype):
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
     # the loss train.py uses: the LM head only over trained positions, chunked (loss.lm_loss)
-    return step_time(lambda x: lm_loss(model, x, x), params, tokens, steps), count_trainable(model)
+    return step_time(lambda x: lm_loss(model, x, x), params, tokens, steps, warmup), count_trainable(model)
 
 
-def bench_peft(tokens, steps, dtype):
+def bench_peft(tokens, steps, warmup, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     path = embedded_model_path()
@@ -64,12 +64,13 @@ def bench_peft(tokens, steps, dtype):
     def loss_fn(x):
         logits = pm(input_ids=x).logits                                            # (B, T, vocab)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-    return step_time(loss_fn, params, tokens, steps), (trainable, total)
+    return step_time(loss_fn, params, tokens, steps, warmup), (trainable, total)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per side (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per side")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side before them (default 1)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
@@ -87,12 +88,12 @@ def main():
     tokens = torch.randint(0, 49152, (args.batch, args.seq_len))                   # (B, T) SmolLM2 vocab
     n = tokens.numel()
     print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
-          f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after 1 warm-up")
-    ours, (o_train, o_total) = bench_ours(tokens, args.steps, dtype)
+          f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up")
+    ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype)
     print(f"  ours done: {ours:.2f} s/step")
     refs = {}
     for name in args.peft_dtypes.split(","):
-        refs[name], (r_train, r_total) = bench_peft(tokens, args.steps, DTYPES[name])
+        refs[name], (r_train, r_total) = bench_peft(tokens, args.steps, args.warmup, DTYPES[name])
         print(f"  transformers + peft ({name}) done: {refs[name]:.2f} s/step")
     print(f"\n| {'implementation':<44} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
