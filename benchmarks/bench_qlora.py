@@ -12,7 +12,7 @@ without native bf16, fp32 is each side's faster dtype, so run both pairs. After 
 (default 1), the median of --steps steps.
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
-    python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's setting
+    python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's bf16 pair
 """
 import argparse
 import statistics
