@@ -256,7 +256,9 @@ def test_latency_fit_on_a_tiny_model(tiny_model, monkeypatch):
     variants = [{"name": "genpi", "prefix": [], "lora_rank": 4, "lora_merged": False}]
     res = pf.profile(model.args, tok, conv, 2, variants, latency)
     turn = res["cached"]["genpi"]["turns"][0]
-    assert turn["prefill_s"] >= 0 and turn["decode_s"] > 0 and turn["latency_s"] == turn["prefill_s"] + turn["decode_s"]
+    # >= 0, not > 0: on a busy CPU two timed decode shapes can fit a negative slope, which predicts 0 s
+    assert turn["prefill_s"] >= 0 and turn["decode_s"] >= 0 and turn["latency_s"] == turn["prefill_s"] + turn["decode_s"]
+    assert turn["latency_s"] > 0
     assert not any(isinstance(m, pf.UnmergedLoRA) for m in model.modules())
 
 
