@@ -44,7 +44,7 @@ EXTRA_SEEDS = {"webshop": {"genpi": (1, 2), "sft": (1, 2)}}   # the noise: 3 see
 SCALES = {  # train.py settings, synthetic samples, evaluation episodes per task
     "tiny": dict(train=["--epochs", "1", "--batch-size", "2", "--max-turns", "2"], samples=4,
                  limit={"os": 3, "webshop": 3, "mind2web": 10}, max_new_tokens=96),
-    "demo": dict(train=["--max-turns", "3"], samples=8, limit={"os": 5, "webshop": 5, "mind2web": 20},
+    "demo": dict(train=["--max-turns", "3"], samples=10, limit={"os": 5, "webshop": 5, "mind2web": 20},
                  max_new_tokens=128),
     "paper": dict(train=["--preset", "paper"], samples=1000, limit={"os": 0, "webshop": 0, "mind2web": 0},
                   max_new_tokens=512),

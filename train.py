@@ -40,16 +40,16 @@ class TrainConfig:
     method: str = "genpi"                  # genpi, sft, prepend, prepend50, seqkd, seqkd_kld, kld (Tables 1-2)
     pg_target: str = "prompt+reason"       # what the PG loss generates (Table 3 ablations)
     lam: float = 0.7                       # weight of L_SFT in the joint loss
-    # The defaults are a demo that finishes in ~10 minutes on 2 CPU cores with the 135M model (measured in
-    # the README: a training step of 2 samples takes ~45 s there); --preset paper gives the paper's run.
-    n_samples: int = 8                     # synthetic samples (paper: 1,000)
+    # The defaults are a demo sized for ~12-15 minutes on 2 CPU cores with the 135M model (measured in the
+    # README: a training step of 2 samples takes ~45-60 s there); --preset paper gives the paper's run.
+    n_samples: int = 10                    # synthetic samples (paper: 1,000); README: at 8, OS shows no effect
     held_out: int = 4                      # pseudo inputs kept out of training for the before/after check
     max_turns: int = 3                     # agent turns per role-played conversation, at most the task's
                                            # (OS 10, Web Browsing 2, Web Shopping 5); 0 = the task's
-    epochs: int = 2                        # paper: 10 (README: at 3, OS and Mind2Web follow the format better, WebShop overfits)
+    epochs: int = 2                        # paper: 10 (README: at 3 epochs of 8 samples, WebShop overfits)
     batch_size: int = 2                    # per optimizer step and process, made of micro-batches (paper: 32)
     micro_batch: int = 1                   # samples per forward pass (gradient accumulation up to batch_size)
-    lr: float = 2e-3                       # paper: 1e-4 at 1,000 samples x 10 epochs; the demo has 8 steps
+    lr: float = 2e-3                       # paper: 1e-4 at 1,000 samples x 10 epochs; the demo has 10 steps
     warmup: float = 0.03                   # share of steps with linear warmup, then cosine decay
     weight_decay: float = 0.0              # AdamW weight decay of the LoRA weights
     grad_clip: float = 1.0                 # gradient norm clipping
