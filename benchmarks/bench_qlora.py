@@ -79,7 +79,8 @@ def main():
     ap.add_argument("--peft-dtypes", default="fp32,bf16",
                     help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
     args = ap.parse_args()
-    unknown = set(args.peft_dtypes.split(",")) - set(DTYPES)
+    peft_dtypes = args.peft_dtypes.split(",")
+    unknown = set(peft_dtypes) - set(DTYPES)
     if unknown:
         ap.error(f"--peft-dtypes: unknown {', '.join(sorted(unknown))} (choose from {', '.join(DTYPES)})")
     torch.set_num_threads(args.threads)
@@ -92,7 +93,7 @@ def main():
     ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype)
     print(f"  ours done: {ours:.2f} s/step")
     refs = {}
-    for name in args.peft_dtypes.split(","):
+    for name in peft_dtypes:
         refs[name], (r_train, r_total) = bench_peft(tokens, args.steps, args.warmup, DTYPES[name])
         print(f"  transformers + peft ({name}) done: {refs[name]:.2f} s/step")
     print(f"\n| {'implementation':<44} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
