@@ -185,6 +185,7 @@ def gold_turns(prompt: AgentPrompt) -> float:
 class SynthConfig:
     """Every setting that changes the records (saved in settings.json; a rerun must match)."""
     n: int = 32
+    spare_inputs: int = 0
     seed: int = 0
     batch_size: int = 16
     task: str | None = None
@@ -202,7 +203,9 @@ class SynthConfig:
 
 
 CONFIG_HELP = {
-    "n": "samples to synthesize", "seed": "seed of every sampling stage (per batch: seed, stage, batch)",
+    "n": "samples to synthesize",
+    "spare_inputs": "extra pseudo inputs made by stage 1 only, after the n (train.py's held-out inputs)",
+    "seed": "seed of every sampling stage (per batch: seed, stage, batch)",
     "batch_size": "samples per generate call; one durable write per batch",
     "task": "webshop / os / mind2web / generic; None = from the prompt's file name",
     "max_turns": "agent turns at most; None = the task's (OS 10, Web Browsing 2, Web Shopping 5)",
@@ -238,7 +241,7 @@ def check_settings(out_dir: Path, settings: dict, overwrite: bool):
         for name in FILES:
             (out_dir / name).unlink(missing_ok=True)
     if path.exists():
-        old = json.loads(path.read_text())
+        old = {**asdict(SynthConfig()), **json.loads(path.read_text())}   # a setting added later: its default
         changed = {k: (old.get(k), v) for k, v in settings.items() if k != "prompt_path" and old.get(k) != v}
         if changed:
             diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
@@ -419,7 +422,8 @@ def reject_reason(task: Task, item: str, seen: list[set]) -> str | None:
 
 def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: list[str], meter: Meter,
                     on_write=None) -> tuple[list[dict], dict]:
-    """Stage 1: rounds of lists until n valid, new items are collected -> (input records, item stats).
+    """Stage 1: rounds of lists until n + spare_inputs valid, new items are collected -> (input records,
+    item stats). Only the first n go on to the other stages.
     Each round is logged raw (inputs_rounds.jsonl); the items are a replay of the log, so a resumed run
     picks the same demonstrations and seeds as an uninterrupted one."""
     rounds_path = out_dir / "inputs_rounds.jsonl"
@@ -427,11 +431,12 @@ def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: 
     if [r["round"] for r in rounds] != list(range(len(rounds))):
         raise ValueError(f"{rounds_path}: rounds out of order; remove the directory or use --overwrite")
     accepted, rejected = accept_items(task, rounds, pool)
+    wanted = cfg.n + cfg.spare_inputs
     prefix = None
-    bar = meter.bar = tqdm(total=cfg.n, desc="inputs", initial=min(len(accepted), cfg.n), leave=False)
-    while len(accepted) < cfg.n:
+    bar = meter.bar = tqdm(total=wanted, desc="inputs", initial=min(len(accepted), wanted), leave=False)
+    while len(accepted) < wanted:
         if len(rounds) >= cfg.max_input_rounds:
-            raise RuntimeError(f"only {len(accepted)} of {cfg.n} valid inputs after {len(rounds)} rounds of lists "
+            raise RuntimeError(f"only {len(accepted)} of {wanted} valid inputs after {len(rounds)} rounds of lists "
                                f"(rejected: {rejected}); give the generator more demonstrations (--demos) or "
                                f"a larger generator (--generator)")
         prefix = prefix or cached_prefix(generator, gen_tok, input_prefix_messages(prompt, task, cfg))
@@ -439,13 +444,13 @@ def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: 
         append_jsonl(rounds_path, [record])
         rounds.append(record)
         accepted, rejected = accept_items(task, rounds, pool)
-        bar.n = min(len(accepted), cfg.n)
+        bar.n = min(len(accepted), wanted)
         bar.refresh()
         if on_write:
             on_write("inputs_rounds", [record])
     bar.close()
     records = [{"id": i, "item": item, "input": input_of_item(task, prompt, item, i)}
-               for i, item in enumerate(accepted[:cfg.n])]
+               for i, item in enumerate(accepted[:wanted])]
     if read_jsonl(out_dir / "inputs.jsonl") != records:
         write_atomic(out_dir / "inputs.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return records, {"lists": sum(len(r["rows"]) for r in rounds), "items_generated": sum(rejected.values()) +
@@ -455,8 +460,8 @@ def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: 
 def list_round(generator, gen_tok, prompt, task, cfg, prefix, pool, accepted, r, meter) -> dict:
     """One round: a batch of primed lists continued by sampling."""
     rng = random.Random(batch_seed(cfg.seed, "inputs", r))
-    rows = []
-    for _ in range(min(cfg.batch_size, math.ceil(5 * cfg.n / cfg.per_call))):   # ~5x the items needed: a 135M
+    rows, wanted = [], cfg.n + cfg.spare_inputs
+    for _ in range(min(cfg.batch_size, math.ceil(5 * wanted / cfg.per_call))):   # ~5x the items needed: a 135M
         # generator keeps ~40% of its items; one full round beats two smaller ones (a step at batch 16 costs ~a step at 7)
         demos, start = choose_demos(rng, pool, accepted), rng.choice(task.item_starts)
         rows.append({"start": start, "primed": primed_list(demos, start)})
@@ -738,6 +743,7 @@ def synthesize(prompt, out_dir, n, model, tok, generator=None, gen_tok=None, *, 
     meters = {stage: Meter() for stage in ("inputs", "role-play", "outputs", "reasons")}
 
     inputs, item_stats = generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir, pool, meters["inputs"], on_write)
+    inputs = inputs[:cfg.n]                                  # the spare inputs stop here (see spare_inputs)
     conversations = generate_conversations(model, tok, prompt, task, cfg, out_dir, inputs, meters["role-play"], on_write)
     outputs = generate_outputs(model, tok, prompt, cfg, out_dir, inputs, conversations, meters["outputs"], on_write)
     reasons = generate_reasons(generator, gen_tok, prompt, cfg, out_dir, inputs, outputs, meters["reasons"], on_write)
@@ -756,6 +762,13 @@ def synthesize(prompt, out_dir, n, model, tok, generator=None, gen_tok=None, *, 
     if not quiet:
         print(format_report(report, speeds))
     return records
+
+
+def spare_inputs(out_dir) -> list[str]:
+    """The pseudo inputs stage 1 made beyond the n samples (SynthConfig.spare_inputs): train.py's
+    held-out inputs for its before/after check, never role-played or trained on."""
+    n = json.loads((Path(out_dir) / "settings.json").read_text())["n"]
+    return [r["input"] for r in read_jsonl(Path(out_dir) / "inputs.jsonl")[n:]]
 
 
 # ----------------------------------------------------------------------------- benchmark

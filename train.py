@@ -44,6 +44,7 @@ class TrainConfig:
     # README: a training step of 2 samples takes ~45-60 s there); --preset paper gives the paper's run.
     n_samples: int = 10                    # synthetic samples (paper: 1,000); README: at 8, OS shows no effect
     held_out: int = 4                      # pseudo inputs kept out of training for the before/after check
+                                           # (made by synthesis stage 1 only: no role-play, outputs or reasons)
     max_turns: int = 3                     # agent turns per role-played conversation, at most the task's
                                            # (OS 10, Web Browsing 2, Web Shopping 5); 0 = the task's
     epochs: int = 2                        # paper: 10 (README: at 3 epochs of 8 samples, WebShop overfits)
@@ -102,19 +103,19 @@ def parse_args(argv=None) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- data
 def load_or_synthesize(cfg, prompt, model, tok, data_dir, is_main):
-    """Synthetic records for this prompt and model: synth.py writes them, or resumes, or reuses them when
-    runs/<name>/data was made with the same settings (it refuses data made with other ones)."""
+    """(training records, held-out pseudo inputs) for this prompt and model: synth.py writes them, or
+    resumes, or reuses them when runs/<name>/data was made with the same settings (it refuses data made
+    with other ones). The held-out inputs are stage 1's spare inputs: only their first message is needed."""
     if is_main:
         try:
             turns = min(cfg.max_turns, synth.detect_task(prompt).max_turns) if cfg.max_turns else None
-            records = synth.synthesize(prompt, data_dir, cfg.n_samples + cfg.held_out, model, tok, seed=cfg.seed,
-                                       max_turns=turns)
+            synth.synthesize(prompt, data_dir, cfg.n_samples, model, tok, seed=cfg.seed, max_turns=turns,
+                             spare_inputs=cfg.held_out)
         except synth.SettingsMismatch as e:
             raise SystemExit(f"error: {e}\n(pick another --name, or delete {data_dir} to synthesize anew)")
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
-        records = synth.read_jsonl(data_dir / "data.jsonl")
-    return records
+    return synth.read_jsonl(data_dir / "data.jsonl"), synth.spare_inputs(data_dir)
 
 
 def batches_for_epoch(lengths, batch_size, seed, epoch):
@@ -306,10 +307,10 @@ def follows_format(task_name: str, reply: str) -> bool:
     return re.search(ACTION_FORMAT.get(task_name, r"(Action|Act|Answer): *\S"), reply) is not None
 
 
-def before_after(model, tok, prompt, records, task_name, max_new_tokens=96, log=print):
-    """For held-out inputs: base without prompt, base with prompt, adapter without prompt.
+def before_after(model, tok, prompt, inputs, task_name, max_new_tokens=96, log=print):
+    """For held-out pseudo inputs: base without prompt, base with prompt, adapter without prompt.
     Returns the share of replies in the prompt's action format for each."""
-    users = [rec["conversation"][0] for rec in records]
+    users = [{"role": "user", "content": prompt.user_message(x)} for x in inputs]
     stop = dict(stop_ids=tok.stop_ids)
     systems = {}
     with adapter_disabled(model):
@@ -356,13 +357,14 @@ def main(argv=None):
     t_start = time.time()
     model, tok = load_model(cfg.model, device=device)
     task_name = synth.detect_task(prompt).name
-    if cfg.data:
+    if cfg.data:                                              # given records: the held-out ones follow the n
         records = synth.read_jsonl(Path(cfg.data))
         if not records:
             raise SystemExit(f"error: {cfg.data}: no records (an empty or missing data file)")
+        records, held_out = records[:cfg.n_samples], [r["input"] for r in records[cfg.n_samples:]]
     else:
-        records = load_or_synthesize(cfg, prompt, model, tok, run_dir / "data", rank == 0)
-    train_records, held_out = records[:cfg.n_samples], records[cfg.n_samples:cfg.n_samples + cfg.held_out]
+        records, held_out = load_or_synthesize(cfg, prompt, model, tok, run_dir / "data", rank == 0)
+    train_records, held_out = records[:cfg.n_samples], held_out[:cfg.held_out]
     log(f"data: {len(train_records)} training records, {len(held_out)} held out ({time.time() - t_start:.0f} s so far)")
 
     if cfg.quantize == "nf4":                                 # QLoRA: 4-bit base (reload: synthesis used full precision)

@@ -316,6 +316,27 @@ def test_interrupted_runs_resume_to_the_same_records(tiny_long, toy, tmp_path):
     assert quality["samples"] == 4 and quality["hit_max_turns"] == 1.0 and quality["avg_turns"] == 2
 
 
+def test_spare_inputs_come_from_stage_1_only(tiny_long, toy, tmp_path):
+    """train.py's held-out inputs: made with the n, never role-played; the n samples are the same
+    inputs as a run without spares, and a directory from before the setting existed still matches."""
+    model, tok = tiny_long
+    out = tmp_path / "spare"
+    records = run(model, tok, toy, out, spare_inputs=2)
+    made = synth.read_jsonl(out / "inputs.jsonl")
+    assert [r["id"] for r in records] == [0, 1, 2, 3] and len(made) == 6
+    assert [r["input"] for r in records] == [r["input"] for r in made[:4]]
+    assert synth.spare_inputs(out) == [r["input"] for r in made[4:]]
+    assert not {r["input"] for r in made[4:]} & {r["input"] for r in records}
+    for name in ("conversations.jsonl", "outputs.jsonl", "reasons.jsonl"):
+        assert [r["id"] for r in synth.read_jsonl(out / name)] == [0, 1, 2, 3]
+    plain = tmp_path / "plain"
+    assert [r["input"] for r in run(model, tok, toy, plain)] == [r["input"] for r in records]
+    settings = json.loads((plain / "settings.json").read_text())
+    del settings["spare_inputs"]                                             # written by an older version
+    (plain / "settings.json").write_text(json.dumps(settings))
+    assert run(model, tok, toy, plain) == run(model, tok, toy, tmp_path / "plain2")
+
+
 def test_a_torn_record_is_redone(tiny_long, toy, tmp_path):
     model, tok = tiny_long
     reference = run(model, tok, toy, tmp_path / "ref")

@@ -95,6 +95,21 @@ def test_empty_data_file_is_refused(tiny_dir, tmp_path):
                     "--runs", str(tmp_path / "runs")])
 
 
+def test_main_trains_on_the_n_and_checks_the_held_out_inputs(tiny_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records()))
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(PROMPT.text + "\n")
+    train.main(["--prompt", str(prompt), "--model", str(tiny_dir), "--data", str(data), "--runs", str(tmp_path),
+                "--n-samples", "6", "--held-out", "2", "--epochs", "1", "--quantize", "none", "--max-len", "1024"])
+    printed = capsys.readouterr().out
+    assert "6 training records, 2 held out" in printed
+    for r in records()[6:]:                                                  # the printout shows each held-out input
+        assert repr(PROMPT.user_message(r["input"]))[:60] in printed
+    assert set(json.loads((tmp_path / "p" / "before_after.json").read_text())) == {
+        "base, no prompt", "base + prompt", "adapter, no prompt"}
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_equal_one_process(tiny_dir, tmp_path):
     data = tmp_path / "data.jsonl"
