@@ -201,6 +201,11 @@ class SynthConfig:
     reason_temperature: float = 0.7
     top_p: float = 0.9
 
+    @property
+    def n_inputs(self) -> int:
+        """Pseudo inputs stage 1 collects: the n samples' plus the spare ones."""
+        return self.n + self.spare_inputs
+
 
 CONFIG_HELP = {
     "n": "samples to synthesize",
@@ -431,7 +436,7 @@ def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: 
     if [r["round"] for r in rounds] != list(range(len(rounds))):
         raise ValueError(f"{rounds_path}: rounds out of order; remove the directory or use --overwrite")
     accepted, rejected = accept_items(task, rounds, pool)
-    wanted = cfg.n + cfg.spare_inputs
+    wanted = cfg.n_inputs
     prefix = None
     bar = meter.bar = tqdm(total=wanted, desc="inputs", initial=min(len(accepted), wanted), leave=False)
     while len(accepted) < wanted:
@@ -460,8 +465,8 @@ def generate_inputs(generator, gen_tok, prompt, task, cfg, out_dir: Path, pool: 
 def list_round(generator, gen_tok, prompt, task, cfg, prefix, pool, accepted, r, meter) -> dict:
     """One round: a batch of primed lists continued by sampling."""
     rng = random.Random(batch_seed(cfg.seed, "inputs", r))
-    rows, wanted = [], cfg.n + cfg.spare_inputs
-    for _ in range(min(cfg.batch_size, math.ceil(5 * wanted / cfg.per_call))):   # ~5x the items needed: a 135M
+    rows = []
+    for _ in range(min(cfg.batch_size, math.ceil(5 * cfg.n_inputs / cfg.per_call))):   # ~5x the items needed: a 135M
         # generator keeps ~40% of its items; one full round beats two smaller ones (a step at batch 16 costs ~a step at 7)
         demos, start = choose_demos(rng, pool, accepted), rng.choice(task.item_starts)
         rows.append({"start": start, "primed": primed_list(demos, start)})

@@ -361,7 +361,7 @@ def main(argv=None):
         records = synth.read_jsonl(Path(cfg.data))
         if not records:
             raise SystemExit(f"error: {cfg.data}: no records (an empty or missing data file)")
-        records, held_out = records[:cfg.n_samples], [r["input"] for r in records[cfg.n_samples:]]
+        held_out = [r["input"] for r in records[cfg.n_samples:]]
     else:
         records, held_out = load_or_synthesize(cfg, prompt, model, tok, run_dir / "data", rank == 0)
     train_records, held_out = records[:cfg.n_samples], held_out[:cfg.held_out]
