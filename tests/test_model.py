@@ -84,9 +84,27 @@ def test_split_linear_equals_f_linear(rows):
     rx, rw = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
     torch.testing.assert_close((gx, gw), (rx, rw), rtol=1e-5, atol=1e-4)
     assert torch.equal(linear(x[None], w)[0], y)                              # leading dims are flattened
+    assert linear(x[:, None], w).is_contiguous()     # (rows, 1, out) as decoding's q/k/v: SDPA needs it
     w_odd, b = torch.randn(201, 96, generator=g), torch.randn(200, generator=g)
     assert torch.equal(linear(x, w_odd), F.linear(x, w_odd))
     assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+
+
+def test_batched_decode_attention_takes_a_fused_kernel(tiny_model):
+    """A decoding step at batch > 1 must not fall back to SDPA's unfused "math" path, which copies the
+    repeated keys and values of every filled slot: measured on SmolLM2, 16 rows over 1,000 cached
+    slots took 1.6 s per step that way against 0.17 s with the fused kernel (the split linear's output
+    had a batch stride of 1)."""
+    from torch.profiler import profile
+    model, _ = tiny_model
+    cache = KVCache(model.args, 4, 40, torch.float32, "cpu")
+    with torch.inference_mode():
+        model(torch.randint(0, model.args.vocab_size, (4, 30)), cache)
+        with profile() as prof:
+            model(torch.randint(0, model.args.vocab_size, (4, 1)), cache)
+    ops = {e.key for e in prof.key_averages()}
+    assert "aten::scaled_dot_product_attention" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
 
 
 def test_cache_prefill_then_decode_equals_full_forward_with_padding(tiny_model):
