@@ -9,6 +9,8 @@ token ids at batch 1. Each figure is the median of --repeats runs after a warm-u
 ratios, since the machine is shared.
 
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
+    python benchmarks/bench_engine.py --interleave-prefill 4   # prefill only, ours and transformers fp32
+                                                              # alternating in one process: N ratios
 """
 import argparse
 import json
@@ -67,6 +69,30 @@ def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype):
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
+def once(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved_prefill(prompt_ids, rounds):
+    """Prefill ratios, ours / transformers fp32, with the two run alternately in one process: on a shared
+    machine the load drifts between the separate measurements of a full run, not within a pair."""
+    from transformers import AutoModelForCausalLM
+    model, _ = load_model(dtype=torch.float32, device="cpu")
+    path = embedded_model_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    x = torch.tensor([prompt_ids])
+    with torch.inference_mode():
+        ours = lambda: model(x, last_only=True)
+        theirs = lambda: hf(x, use_cache=False, logits_to_keep=1)
+        ours(), theirs()                                                  # warm-up
+        for r in range(rounds):
+            a, b = once(ours), once(theirs)
+            print(f"round {r + 1}: ours {len(prompt_ids) / a:.0f} tok/s, transformers fp32 "
+                  f"{len(prompt_ids) / b:.0f} tok/s, ratio {b / a:.2f}x")
+
+
 def bench_llama_cpp(prompt_ids, n_new, repeats, threads):
     """llama.cpp on the embedded GGUF file, batch 1 (its Python API runs one sequence): prefill and greedy
     decode, timed like ours. None when llama-cpp-python is not installed."""
@@ -95,11 +121,15 @@ def main():
     ap.add_argument("--prefill-tokens", type=int, default=1100)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--interleave-prefill", type=int, default=0, metavar="N",
+                    help="only N alternating prefill pairs, ours and transformers fp32, and their ratios")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
     _, tok = load_model(dtype=torch.float32, device="cpu")
     ids = (tok.encode(text) * 4)[: args.prefill_tokens]
+    if args.interleave_prefill:
+        return interleaved_prefill(ids, args.interleave_prefill)
     batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
     ours_dtype = default_dtype("cpu")
     results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
