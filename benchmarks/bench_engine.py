@@ -25,14 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import default_dtype, embedded_model_path, generate, load_model  # noqa: E402
 
 
+def once(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def timed(fn, repeats):
     fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return statistics.median(once(fn) for _ in range(repeats))
+
+
+def load_transformers(dtype):
+    """transformers' model of the same embedded GGUF file."""
+    from transformers import AutoModelForCausalLM
+    path = embedded_model_path()
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
 def bench_ours(prompt_ids, batch16, n_new, repeats, dtype):
@@ -50,9 +58,7 @@ def bench_ours(prompt_ids, batch16, n_new, repeats, dtype):
 
 
 def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype):
-    from transformers import AutoModelForCausalLM
-    path = embedded_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
+    hf = load_transformers(dtype)
     x = torch.tensor([prompt_ids])
     gen = dict(do_sample=False, pad_token_id=0)
     def hf_generate(ids, n):
@@ -69,19 +75,11 @@ def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype):
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
-def once(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def interleaved_prefill(prompt_ids, rounds):
     """Prefill ratios, ours / transformers fp32, with the two run alternately in one process: on a shared
     machine the load drifts between the separate measurements of a full run, not within a pair."""
-    from transformers import AutoModelForCausalLM
     model, _ = load_model(dtype=torch.float32, device="cpu")
-    path = embedded_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    hf = load_transformers(torch.float32)
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
         ours = lambda: model(x, last_only=True)
