@@ -181,6 +181,8 @@ def attend_after_prefix(q, k, v, kp, vp, mask):
 
 # ----------------------------------------------------------------------------- the network
 SPLIT, SPLIT_MAX_ROWS = 4, 64    # see `linear`; SPLIT_MAX_ROWS = 0 turns the split off
+FEW_TOKENS = 16                  # steps of up to this many tokens per row attend with attend_after_prefix
+DRAFT_TOKENS = 3                 # prompt-lookup guesses per greedy step in synth, evaluate, train (generate)
 
 
 def linear(x, weight, bias=None):
@@ -243,7 +245,7 @@ class Attention(nn.Module):
             if cache.shared is not None:
                 P = cache.shared.length
                 kp, vp = cache.shared.k[self.layer][:, :, :P], cache.shared.v[self.layer][:, :, :P]
-                if T == 1:    # decode: read the one prefix copy for the whole batch
+                if T <= FEW_TOKENS:    # decode (and draft checks): read the one prefix copy for the whole batch
                     y = attend_after_prefix(q, k, v, kp, vp, mask)
                     return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
                 # prefill after the prefix: a transient per-layer copy lets SDPA tile the long scores
@@ -373,25 +375,61 @@ def prefill_prefix(model: Llama, prefix_ids: list[int], max_len: int) -> KVCache
     return cache
 
 
+class PromptLookup:
+    """Draft tokens by prompt lookup (Saxena, 2023): if the row's last n tokens (n = 3, 2, then 1)
+    occurred earlier in its text, guess that what followed them then follows now. Agents and
+    environments copy much of their prompt and of earlier turns (a page, an action format), so in the
+    WebShop role-play of runs/ ~4 of 4 drafted tokens match. `seen` maps each n-gram to the position
+    after its latest occurrence that has a token after it."""
+
+    def __init__(self, ids: list[int], max_ngram: int = 3):
+        self.ids, self.max_ngram, self.seen = [], max_ngram, {}
+        self.extend(ids)
+
+    def extend(self, ids: list[int]):
+        for t in ids:
+            end = len(self.ids)                  # t goes here: it follows the n-grams ending at end - 1
+            for n in range(1, min(self.max_ngram, end) + 1):
+                self.seen[tuple(self.ids[end - n:end])] = end
+            self.ids.append(t)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k guessed next tokens (none when k <= 0 or no n-gram matches)."""
+        for n in range(min(self.max_ngram, len(self.ids)) if k > 0 else 0, 0, -1):
+            after = self.seen.get(tuple(self.ids[-n:]))
+            if after is not None:
+                return self.ids[after:after + k]
+        return []
+
+
 @torch.inference_mode()
 def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, stop_ids=(), stop_strings=(), tokenizer=None,
-             prefix: KVCache | None = None, cache: KVCache | None = None, progress=None) -> list[list[int]]:
+             prefix: KVCache | None = None, cache: KVCache | None = None, progress=None,
+             draft: int = 0, context: list[list[int]] | None = None) -> list[list[int]]:
     """Continue each prompt (a list of ids; after `prefix` when given). Returns the new ids per prompt,
     cut before the first stop id; stop strings (needs `tokenizer`) end a row once its text contains one
     (trim the text with `cut_at_stop`). Rows are left-padded into one batch.
 
     `cache`: continue the rows of an existing cache instead (a conversation's next turn: the prompts are
     each row's new tokens, none empty). The prompts and generated tokens stay in it; a row's slots after
-    it finished are padding. Use `cache.keep_first` to take back tokens before the next turn."""
+    it finished are padding. Use `cache.keep_first` to take back tokens before the next turn.
+
+    `draft` > 0 (greedy only): speculative decoding with prompt lookup. Each step also feeds up to `draft`
+    tokens guessed by `PromptLookup` from the row's `context` (ids before its prompt, e.g. the cached
+    prefix and earlier turns), prompt and output, and keeps the guesses that greedy decoding would have
+    picked, plus the model's token after them: the same output as draft=0 (up to the order of float sums)
+    in fewer steps. A rejected guess's slot turns to padding."""
     p = next(model.parameters())
     B, longest = len(prompts), max(len(x) for x in prompts)
+    if draft and temperature > 0:
+        raise ValueError("draft tokens (prompt lookup) check greedy choices: use them with temperature 0")
     callers_cache = cache is not None
     if cache is None:
         past = prefix.length if prefix is not None else 0
         if past + longest >= model.args.max_seq_len:
             raise ValueError(f"prompt of {past + longest} tokens does not fit the context of {model.args.max_seq_len}")
-        max_len = min(longest + max_new_tokens, model.args.max_seq_len - past)    # this batch's own slots
+        max_len = min(longest + max_new_tokens * (1 + draft), model.args.max_seq_len - past)  # this batch's slots
         cache = KVCache(model.args, B, max_len, p.dtype, p.device, shared=prefix)
     elif prefix is not None or cache.batch != B or min(len(x) for x in prompts) == 0:
         raise ValueError("a cache to continue takes one non-empty prompt per row, and no separate prefix")
@@ -403,36 +441,68 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
         tokens[i, longest - len(ids):] = torch.tensor(ids, device=p.device)
         real[i, longest - len(ids):] = True
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
-    logits = model(tokens, cache, pad_mask=None if bool(real.all()) else real, last_only=True)[:, -1]
+    lookups = [PromptLookup((context[i] if context else []) + prompts[i]) for i in range(B)] if draft else None
+    logits = model(tokens, cache, pad_mask=None if bool(real.all()) else real, last_only=True)   # (B, 1, vocab)
+    drafts = [[] for _ in range(B)]                  # the guesses fed in the last step, per row
     out, done, stops = [[] for _ in range(B)], [False] * B, set(stop_ids)
     # Rows that finish leave the batch once they are 3/4 of it (a step at batch 4 costs ~half of one at 16;
     # copying the cache and odd batch sizes, slow in fp32 BLAS here, eat the gain at 1/2);
     # `root` is the cache of every row, `cache` the one of the rows still running, `rows` their prompts.
     root, rows = cache, list(range(B))
-    for _ in range(min(max_new_tokens, cache.max_len - cache.length + 1)):
-        uniforms = torch.rand(B, generator=gen, device=p.device)[rows] if temperature > 0 else None
-        nxt = sample_next(logits, temperature, top_p, uniforms=uniforms)          # (rows,)
-        for i, t in zip(rows, nxt.tolist()):
-            if done[i]:
-                continue
-            if t in stops:
+    while True:
+        if temperature > 0:
+            uniforms = torch.rand(B, generator=gen, device=p.device)[rows]
+            picks = sample_next(logits[:, -1], temperature, top_p, uniforms=uniforms)[:, None].tolist()   # (rows, 1)
+        else:
+            picks = logits.argmax(-1).tolist()                       # (rows, T): greedy after each fed token
+        last = []
+        for j, i in enumerate(rows):
+            if len(out[i]) >= max_new_tokens:        # its last token went into the cache in this step: done
                 done[i] = True
-                continue
-            out[i].append(t)
-            if stop_strings and any(s in tokenizer.decode(out[i][-16:]) for s in stop_strings):
-                done[i] = True
+            guess = drafts[i]
+            kept = next((a for a in range(len(guess)) if guess[a] != picks[j][a]), len(guess))
+            if kept < len(guess):                                    # rejected guesses: their slots -> padding
+                first = cache.length - len(picks[j]) + 1 + kept
+                cache.valid[j, first:first + len(guess) - kept] = False
+                cache.next_pos[j] -= len(guess) - kept
+            new = picks[j][:kept + 1]                                # the accepted guesses + the model's next
+            last.append(new[-1])
+            for t in new:
+                if done[i] or t in stops:
+                    done[i] = True
+                    break
+                out[i].append(t)
+                if lookups:
+                    lookups[i].extend([t])
+                if stop_strings and any(s in tokenizer.decode(out[i][-16:]) for s in stop_strings):
+                    done[i] = True
+                if len(out[i]) >= max_new_tokens:    # done after one more step puts its last token in the cache
+                    break
         if progress is not None:
             progress.update(1)
         if all(done) or cache.length >= cache.max_len:
             break
+        nxt = torch.tensor(last, device=p.device)
         alive = [j for j, i in enumerate(rows) if not done[i]]
         if len(alive) <= len(rows) // 4:               # most rows finished: go on with the others only
             if cache is not root:
                 root.write_rows(cache, rows)
             cache, nxt, rows = root.select([rows[j] for j in alive]), nxt[alive], [rows[j] for j in alive]
-        running = None if len(alive) == len(rows) else \
-            torch.tensor([not done[i] for i in rows], device=p.device)[:, None]
-        logits = model(nxt[:, None], cache, pad_mask=running)[:, -1]   # a finished row's token is padding
+        # guesses while the cache keeps room for a plain step per token still to come
+        need = max(max_new_tokens - len(out[i]) for i in rows if not done[i])
+        room = min(draft, cache.max_len - cache.length - need - 1)
+        drafts = {i: lookups[i].draft(min(room, max_new_tokens - len(out[i]) - 1)) if room > 0 and not done[i]
+                  else [] for i in rows}
+        T = 1 + max(len(d) for d in drafts.values())
+        step = torch.zeros(len(rows), T, dtype=torch.long, device=p.device)
+        running = torch.zeros(len(rows), T, dtype=torch.bool, device=p.device)
+        step[:, 0], running[:, 0] = nxt, torch.tensor([not done[i] for i in rows], device=p.device)
+        for j, i in enumerate(rows):
+            if drafts[i]:
+                step[j, 1:1 + len(drafts[i])] = torch.tensor(drafts[i], device=p.device)
+                running[j, 1:1 + len(drafts[i])] = True
+        # a finished row's token and the slots after a row's guesses are padding
+        logits = model(step, cache, pad_mask=None if bool(running.all()) else running)   # (rows, T, vocab)
     if callers_cache and cache is not root:
         root.write_rows(cache, rows)                # the caller's cache gets the last rows' tokens back
     return out

@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--cached", type=int, default=400, help="filled slots of each row's own cache")
     ap.add_argument("--prefix", type=int, default=0, help="shared prefix slots (0 = none)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per row per step (1 + drafts to check)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
     args = ap.parse_args()
@@ -31,19 +32,19 @@ def main():
     with torch.inference_mode():
         prefix = prefill_prefix(model, [100 + i % 1000 for i in range(args.prefix)], args.prefix) \
             if args.prefix else None
-        cache = KVCache(model.args, args.batch, args.cached + 8, dtype, "cpu", shared=prefix)
+        cache = KVCache(model.args, args.batch, args.cached + args.tokens + 8, dtype, "cpu", shared=prefix)
         for k, v in zip(cache.k, cache.v):
             k.normal_(), v.normal_()
         cache.valid[:, :args.cached] = True
         cache.length = args.cached
         cache.next_pos += args.cached
-        token = torch.randint(0, 1000, (args.batch, 1))
+        tokens = torch.randint(0, 1000, (args.batch, args.tokens))
 
-        def step():                      # one token per row, then the cache forgets it again
-            model(token, cache)
-            cache.length -= 1
-            cache.next_pos -= 1
-            cache.valid[:, cache.length] = False
+        def step():                      # the tokens of each row, then the cache forgets them again
+            model(tokens, cache)
+            cache.length -= args.tokens
+            cache.next_pos -= args.tokens
+            cache.valid[:, cache.length:] = False
 
         for _ in range(3):
             step()
@@ -52,7 +53,7 @@ def main():
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-        print(f"batch {args.batch}, {args.prefix} shared + {args.cached} own cached slots: "
+        print(f"batch {args.batch} x {args.tokens} tokens, {args.prefix} shared + {args.cached} own cached slots: "
               f"{statistics.median(times) * 1e3:.1f} ms/step ({dtype}, {torch.get_num_threads()} threads)")
         if args.profile:
             from torch.profiler import profile

@@ -208,6 +208,58 @@ def test_finished_rows_leave_the_batch_without_changing_any_row(tiny_model, monk
         assert turn2 == generate(model, [h + [30, 31] for h in history], max_new_tokens=5, **kw)
 
 
+def test_prompt_lookup_drafts_what_followed_the_latest_earlier_occurrence():
+    from model import PromptLookup
+    look = PromptLookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    assert look.draft(3) == [7, 8, 5]          # (5, 2, 3) never occurred before; (2, 3) last did at 5-6
+    look.extend([7])
+    assert look.draft(2) == [8, 5]             # (2, 3, 7): the longest n-gram wins
+    assert PromptLookup([1, 2, 3]).draft(4) == []
+
+
+class StepCounter:
+    """A `progress` for generate: counts its decoding steps."""
+    steps = 0
+
+    def update(self, n):
+        self.steps += n
+
+
+def test_prompt_lookup_drafts_give_the_greedy_tokens_in_fewer_steps(tiny_model, tiny_dir):
+    """Speculative decoding with prompt-lookup guesses keeps exactly the tokens of greedy decoding:
+    against Hugging Face's greedy generate, after a cached prefix, continuing a cache with stops, and in
+    a cache with no room for guesses; with repeated prompts, the tiny model copies and the steps drop."""
+    from transformers import LlamaForCausalLM
+    model, _ = tiny_model
+    hf = LlamaForCausalLM.from_pretrained(tiny_dir).float().eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 200, (n,), generator=g).tolist() * 2 for n in (3, 9, 17, 5)]
+    plain, drafted = StepCounter(), StepCounter()
+    expected = generate(model, prompts, max_new_tokens=80, progress=plain)
+    assert generate(model, prompts, max_new_tokens=80, draft=4, progress=drafted) == expected
+    assert drafted.steps < plain.steps            # a batch takes as many steps as its slowest row
+    alone = StepCounter()
+    assert [generate(model, [p], max_new_tokens=80, draft=4, progress=alone)[0] for p in prompts] == expected
+    assert alone.steps < 0.7 * 4 * 81
+    for p, e in zip(prompts, expected):
+        theirs = hf.generate(torch.tensor([p]), max_new_tokens=80, min_new_tokens=80, do_sample=False)
+        assert theirs[0, len(p):].tolist() == e
+    prefix = list(range(30, 60))
+    cache = prefill_prefix(model, prefix, len(prefix))
+    assert generate(model, prompts, max_new_tokens=80, prefix=cache, draft=4, context=[prefix] * 4) == \
+        generate(model, [prefix + p for p in prompts], max_new_tokens=80)
+    stops = [e[k] for e, k in zip(expected, (5, 30, 12, 39))]
+    for room in (300, 80 + 35):               # 35 = the longest prompt + 1: no room for guesses
+        cache = KVCache(model.args, 4, room, torch.float32, "cpu")
+        got = generate(model, prompts, max_new_tokens=80, cache=cache, stop_ids=stops, draft=4)
+        assert got == generate(model, prompts, max_new_tokens=80, stop_ids=stops)
+        turn2 = generate(model, [[7, 8]] * 4, max_new_tokens=6, cache=cache, draft=4) if room == 300 else None
+        history = [p + o for p, o in zip(prompts, got)]
+        assert turn2 in (None, generate(model, [h + [7, 8] for h in history], max_new_tokens=6))
+    with pytest.raises(ValueError, match="greedy"):
+        generate(model, prompts, max_new_tokens=4, draft=4, temperature=1.0)
+
+
 def test_stop_ids_and_stop_strings(tiny_model):
     model, tok = tiny_model
     free = generate(model, [[5, 6, 7]], max_new_tokens=12)[0]
@@ -304,6 +356,7 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm, smollm_hf):
     ours = generate(model, [prompt], max_new_tokens=32)[0]
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(prompt):]
     assert ours == theirs.tolist()
+    assert generate(model, [prompt], max_new_tokens=32, draft=4)[0] == ours      # prompt-lookup guesses
 
 
 @pytest.mark.slow
