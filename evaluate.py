@@ -41,7 +41,7 @@ from agentbench_env import make
 from agentbench_env import mind2web as mind2web_env
 from agentbench_env import os_env
 from agentbench_env import webshop as webshop_env
-from model import KVCache, common_prefix_length, generate, load_model, prefill_prefix
+from model import DRAFT_TOKENS, KVCache, common_prefix_length, generate, load_model, prefill_prefix
 from prompts import load_prompt
 
 TASKS = ("os", "mind2web", "webshop")                      # Table 1's column order
@@ -127,7 +127,8 @@ def model_agent(model, tok, turns, prefix, prefix_ids, max_new_tokens):
             state["cache"], n = copy_cache(model, prefix, size), len(prefix_ids)
         state["cache"] = extend_cache(model, state["cache"], ids[n:-1])  # only this turn's new tokens
         state["ids"] = ids[:-1]
-        out = generate(model, [ids[-1:]], max_new_tokens, stop_ids=tok.stop_ids, prefix=state["cache"])[0]
+        out = generate(model, [ids[-1:]], max_new_tokens, stop_ids=tok.stop_ids, prefix=state["cache"],
+                       draft=DRAFT_TOKENS, context=[ids[:-1]])[0]
         return tok.decode(out, skip_special=True)
     return reply
 

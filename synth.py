@@ -35,13 +35,13 @@ import re
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from model import KVCache, common_prefix_length, cut_at_stop, generate, load_model, prefill_prefix
+from model import DRAFT_TOKENS, KVCache, common_prefix_length, cut_at_stop, generate, load_model, prefill_prefix
 from prompts import AgentPrompt, example_inputs, load_prompt
 
 END = "[END_CONVERSATION]"
@@ -200,6 +200,7 @@ class SynthConfig:
     input_temperature: float = 1.0
     reason_temperature: float = 0.7
     top_p: float = 0.9
+    draft_tokens: int = DRAFT_TOKENS
 
     @property
     def n_inputs(self) -> int:
@@ -218,7 +219,8 @@ CONFIG_HELP = {
     "max_input_rounds": "rounds of lists before giving up", "agent_tokens": "new tokens per agent turn",
     "env_tokens": "new tokens per environment turn", "output_tokens": "new tokens of the AS-IS output",
     "reason_tokens": "new tokens per reason", "input_temperature": "sampling temperature of the pseudo inputs",
-    "reason_temperature": "sampling temperature of the reasons", "top_p": "nucleus sampling threshold"}
+    "reason_temperature": "sampling temperature of the reasons", "top_p": "nucleus sampling threshold",
+    "draft_tokens": "tokens guessed by prompt lookup and checked per greedy step (0 = one token per step)"}
 
 
 class SettingsMismatch(ValueError):
@@ -331,14 +333,16 @@ class Meter:
 
 
 def complete(model, tok, id_lists, max_new_tokens, *, prefix=None, cache=None, stops=(), temperature=0.0,
-             top_p=1.0, seed=None, meter: Meter | None = None, out_ids: list | None = None) -> list[tuple[str, bool]]:
+             top_p=1.0, seed=None, meter: Meter | None = None, out_ids: list | None = None, draft=0,
+             context=None) -> list[tuple[str, bool]]:
     """Continue each id list (after the cached `prefix`, or as the next tokens of the rows of `cache`)
     -> (text, finished) per row. The text runs up to and including a stop string (cut it with
     `cut_at_stop`); `finished` is False when the row ran out of tokens before a stop. `out_ids` receives
-    the generated ids."""
+    the generated ids. `draft`, `context`: prompt-lookup guesses for greedy decoding (model.generate)."""
     start = time.perf_counter()
     outs = generate(model, id_lists, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                    stop_ids=tok.stop_ids, stop_strings=stops, tokenizer=tok, prefix=prefix, cache=cache)
+                    stop_ids=tok.stop_ids, stop_strings=stops, tokenizer=tok, prefix=prefix, cache=cache,
+                    draft=draft, context=context)
     if out_ids is not None:
         out_ids.extend(outs)
     if meter is not None:
@@ -529,7 +533,8 @@ def roleplay(first_messages: list[str], agent_reply, env_reply, max_turns: int) 
             for c, e in zip(convs, ended)]
 
 
-def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, stops, meter, use_cache=True):
+def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, stops, meter, use_cache=True,
+                  draft=0):
     """conversations -> greedy replies of the persona whose chat is build_messages(conversation).
 
     With the cache (section 8's caching, twice over): the persona's prompt part (prefix_messages) is
@@ -537,7 +542,8 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
     turn feeds only what is new since the persona last spoke (the other persona's reply and the chat
     markup), and the persona's own last reply stays cached as generated, up to where its rendering in
     the chat differs. Without the cache every chat runs in full (the benchmark's plain loop). On the last
-    turn a reply is cut to a few tokens: only whether it opens with END is used."""
+    turn a reply is cut to a few tokens: only whether it opens with END is used. `draft`: prompt-lookup
+    guesses per step, looked up in the persona's whole chat (model.generate)."""
     if not use_cache:
         def plain_reply(conversations, last_turn=False):
             n_new = min(max_new_tokens, LAST_TURN_TOKENS) if last_turn else max_new_tokens
@@ -564,7 +570,8 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
             cache, rows, fed = None, [], [[] for _ in ids]
         kept = [min(common_prefix_length(f, x), len(x) - 1) for f, x in zip(fed, ids)]   # >= 1 new token
         new = [x[n:] for x, n in zip(ids, kept)]
-        slots = (cache.length if cache is not None else 0) + max(len(x) for x in new) + n_new + 1
+        spare = n_new * (2 if draft else 1)       # a rejected guess leaves its slot unused (see model.generate)
+        slots = (cache.length if cache is not None else 0) + max(len(x) for x in new) + spare + 1
         if cache is None or slots > room:                              # start over: every row in full
             cache = KVCache(model.args, len(ids), min(room, max(len(x) for x in ids) + 4 * (n_new + 64)),
                             prefix_cache.k[0].dtype, prefix_cache.k[0].device, shared=prefix_cache)
@@ -573,7 +580,8 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
             cache = cache.select(rows, max_len=min(room, slots + 4 * (n_new + 64)) if slots > cache.max_len else None)
         cache.keep_first(kept)
         out_ids = []
-        outs = complete(model, tok, new, n_new, cache=cache, stops=stops + (END,), meter=meter, out_ids=out_ids)
+        outs = complete(model, tok, new, n_new, cache=cache, stops=stops + (END,), meter=meter, out_ids=out_ids,
+                        draft=draft, context=[prefix_ids + x[:n] for x, n in zip(ids, kept)])
         in_cache = cache.valid.sum(1).tolist()                          # a finished row's last tokens are padding
         state.update(keys=keys, cache=cache,
                      fed=[(x + o)[:n] for x, o, n in zip(ids, out_ids, in_cache)])
@@ -584,9 +592,9 @@ def model_replier(model, tok, build_messages, prefix_messages, max_new_tokens, s
 def personas(model, tok, prompt, task, cfg, meter, use_cache=True):
     """(agent_reply, env_reply) backed by the model, each with its prefix cache."""
     agent = model_replier(model, tok, lambda c: agent_messages(prompt, c), prompt.turns, cfg.agent_tokens,
-                          task.agent_stops, meter, use_cache)
+                          task.agent_stops, meter, use_cache, cfg.draft_tokens)
     env = model_replier(model, tok, lambda c: environment_messages(prompt, task, c), swap_roles(prompt, task),
-                        cfg.env_tokens, task.env_stops, meter, use_cache)
+                        cfg.env_tokens, task.env_stops, meter, use_cache, cfg.draft_tokens)
     return agent, env
 
 
@@ -628,7 +636,7 @@ def generate_outputs(model, tok, prompt, cfg, out_dir, inputs, conversations, me
                            leave=False)
     for batch in todo:
         ids = [tok.apply_chat(student_messages(prompt, x["input"])) for x in batch]
-        outs = complete(model, tok, ids, cfg.output_tokens, meter=meter)
+        outs = complete(model, tok, ids, cfg.output_tokens, meter=meter, draft=cfg.draft_tokens)
         new = [{"id": x["id"], "student_output": text.strip(), "teacher_output": teacher[x["id"]]}
                for x, (text, _) in zip(batch, outs) if x["id"] not in done]
         append_jsonl(path, new)
@@ -778,12 +786,15 @@ def spare_inputs(out_dir) -> list[str]:
 
 # ----------------------------------------------------------------------------- benchmark
 def benchmark(model, tok, prompt, task, cfg, inputs: list[str]) -> dict:
-    """Role-play tokens/s: batched with prefix caches vs one sample at a time without them, same samples."""
-    results = {}
-    for name, batched in (("batched+prefix-cache", True), ("one-at-a-time, no cache", False)):
+    """Role-play tokens/s: batched with prefix caches vs one sample at a time without them, same samples;
+    with cfg.draft_tokens > 0, also batched with caches but without the prompt-lookup guesses."""
+    results, arms = {}, [("batched+prefix-cache", True, cfg.draft_tokens), ("one-at-a-time, no cache", False, 0)]
+    if cfg.draft_tokens:
+        arms.insert(1, ("batched+prefix-cache, no drafts", True, 0))
+    for name, batched, draft in arms:
         meter = Meter()
         start = time.perf_counter()
-        agent, env = personas(model, tok, prompt, task, cfg, meter, use_cache=batched)
+        agent, env = personas(model, tok, prompt, task, replace(cfg, draft_tokens=draft), meter, use_cache=batched)
         messages = [prompt.user_message(x) for x in inputs]
         if batched:
             convs = roleplay(messages, agent, env, cfg.max_turns or task.max_turns)
@@ -793,9 +804,11 @@ def benchmark(model, tok, prompt, task, cfg, inputs: list[str]) -> dict:
         results[name] = {"tokens": meter.tokens, "seconds": round(seconds, 1),
                          "tokens_per_s": round(meter.tokens / seconds, 2), "conversations": convs}
     fast, slow = results["batched+prefix-cache"], results["one-at-a-time, no cache"]
+    plain = results.get("batched+prefix-cache, no drafts", fast)
     return {"samples": len(inputs), "max_turns": cfg.max_turns or task.max_turns,
             "speedup": round(fast["tokens_per_s"] / slow["tokens_per_s"], 2),
-            "same_conversations": fast["conversations"] == slow["conversations"],
+            "draft_speedup": round(fast["tokens_per_s"] / plain["tokens_per_s"], 2),
+            "same_conversations": fast["conversations"] == slow["conversations"] == plain["conversations"],
             **{k: {kk: vv for kk, vv in v.items() if kk != "conversations"} for k, v in results.items()}}
 
 
@@ -833,7 +846,8 @@ def main(argv=None):
              enumerate((example_inputs(prompt) * args.bench_samples)[:args.bench_samples])]
         result = benchmark(model, tok, prompt, task, cfg, inputs)
         print(json.dumps(result, indent=1))
-        print(f"role-play speed-up, batched + prefix cache vs one at a time: {result['speedup']:.1f}x")
+        print(f"role-play speed-up, batched + prefix cache vs one at a time: {result['speedup']:.1f}x"
+              f" (of which prompt-lookup drafts: {result['draft_speedup']:.2f}x)")
         return
     start = time.perf_counter()
     records = synthesize(prompt, out, args.n, model, tok, generator, gen_tok, demos=demos,

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import synth
 from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
-from model import generate, load_model
+from model import DRAFT_TOKENS, generate, load_model
 from prompts import PromptFileError, load_prompt
 
 
@@ -311,7 +311,7 @@ def before_after(model, tok, prompt, inputs, task_name, max_new_tokens=96, log=p
     """For held-out pseudo inputs: base without prompt, base with prompt, adapter without prompt.
     Returns the share of replies in the prompt's action format for each."""
     users = [{"role": "user", "content": prompt.user_message(x)} for x in inputs]
-    stop = dict(stop_ids=tok.stop_ids)
+    stop = dict(stop_ids=tok.stop_ids, draft=DRAFT_TOKENS)
     systems = {}
     with adapter_disabled(model):
         systems["base, no prompt"] = generate(model, [tok.apply_chat([u]) for u in users], max_new_tokens, **stop)

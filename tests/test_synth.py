@@ -166,11 +166,13 @@ def test_cached_prefix_plus_continuation_is_the_full_chat(tiny_model, toy):
         synth.continuation_ids(smol, tok.apply_chat(toy.turns, add_generation_prompt=False), toy.messages("x"))
 
 
-def test_cached_personas_reply_like_full_chats(tiny_long, toy):
+@pytest.mark.parametrize("draft", [0, 4])
+def test_cached_personas_reply_like_full_chats(tiny_long, toy, draft):
     """Batched replies with the prefix caches and per-conversation caches kept across turns (each turn
-    feeds only its new tokens) are the replies of each full chat run alone (greedy)."""
+    feeds only its new tokens), with or without prompt-lookup guesses, are the replies of each full chat
+    run alone (greedy, one token per step)."""
     model, tok = tiny_long
-    cfg = synth.SynthConfig(agent_tokens=8, env_tokens=8)
+    cfg = synth.SynthConfig(agent_tokens=24, env_tokens=24, draft_tokens=draft)
     firsts = [toy.user_message("Observation: hall"), toy.user_message("Observation: a longer corridor"),
               toy.user_message("Observation: a room with a very long description of the four walls")]
     cached = synth.roleplay(firsts, *synth.personas(model, tok, toy, GENERIC, cfg, synth.Meter()), max_turns=3)
