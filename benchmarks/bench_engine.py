@@ -8,6 +8,10 @@ from source, ~10 min on 2 cores), llama.cpp runs the same GGUF file (its own Q4_
 token ids at batch 1. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
 ratios, since the machine is shared.
 
+Decode at batch 1 is also measured with prompt-lookup guesses (speculative decoding that copies from the
+context, `--draft` tokens per step, the same greedy tokens) on all three sides: ours (`generate(...,
+draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPromptLookupDecoding`).
+
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
     python benchmarks/bench_engine.py --interleave-prefill 4   # prefill only, ours and transformers fp32
                                                               # alternating in one process: N ratios
@@ -22,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import default_dtype, embedded_model_path, generate, load_model  # noqa: E402
+from model import DRAFT_TOKENS, default_dtype, embedded_model_path, generate, load_model  # noqa: E402
 
 
 def once(fn):
@@ -43,35 +47,39 @@ def load_transformers(dtype):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
-def bench_ours(prompt_ids, batch16, n_new, repeats, dtype):
+def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft):
     model, _ = load_model(dtype=dtype, device="cpu")
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
         prefill = timed(lambda: model(x, last_only=True), repeats)
     dec1 = timed(lambda: generate(model, [prompt_ids[:64]], n_new), repeats)
     pre1 = timed(lambda: generate(model, [prompt_ids[:64]], 1), repeats)
+    spec1 = timed(lambda: generate(model, [prompt_ids[:64]], n_new, draft=draft), repeats)
     dec16 = timed(lambda: generate(model, batch16, n_new), repeats)
     pre16 = timed(lambda: generate(model, batch16, 1), repeats)
     return {"prefill_tok_s": len(prompt_ids) / prefill,
             "decode_b1_tok_s": (n_new - 1) / max(dec1 - pre1, 1e-9),
+            "decode_b1_lookup_tok_s": (n_new - 1) / max(spec1 - pre1, 1e-9),
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
-def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype):
+def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype, draft):
     hf = load_transformers(dtype)
     x = torch.tensor([prompt_ids])
     gen = dict(do_sample=False, pad_token_id=0)
-    def hf_generate(ids, n):
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **gen)
+    def hf_generate(ids, n, **kw):
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **gen, **kw)
     b16 = torch.tensor(batch16)
     with torch.inference_mode():
         prefill = timed(lambda: hf(x, use_cache=False, logits_to_keep=1), repeats)
         dec1 = timed(lambda: hf_generate(x[:, :64], n_new), repeats)
         pre1 = timed(lambda: hf_generate(x[:, :64], 1), repeats)
+        spec1 = timed(lambda: hf_generate(x[:, :64], n_new, prompt_lookup_num_tokens=draft), repeats)
         dec16 = timed(lambda: hf_generate(b16, n_new), repeats)
         pre16 = timed(lambda: hf_generate(b16, 1), repeats)
     return {"prefill_tok_s": len(prompt_ids) / prefill,
             "decode_b1_tok_s": (n_new - 1) / max(dec1 - pre1, 1e-9),
+            "decode_b1_lookup_tok_s": (n_new - 1) / max(spec1 - pre1, 1e-9),
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
@@ -91,16 +99,26 @@ def interleaved_prefill(prompt_ids, rounds):
                   f"{len(prompt_ids) / b:.0f} tok/s, ratio {b / a:.2f}x")
 
 
-def bench_llama_cpp(prompt_ids, n_new, repeats, threads):
+def bench_llama_cpp(prompt_ids, n_new, repeats, threads, draft):
     """llama.cpp on the embedded GGUF file, batch 1 (its Python API runs one sequence): prefill and greedy
-    decode, timed like ours. None when llama-cpp-python is not installed."""
+    decode, timed like ours, and greedy decode with its prompt-lookup drafts. None when llama-cpp-python
+    is not installed."""
     try:
         from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
     except ImportError:
         return None
     import numpy as np
-    llm = Llama(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    settings = dict(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, verbose=False)
+    llm = Llama(**settings)
+    lookup = Llama(**settings, draft_model=LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=draft))
+
+    def run_lookup(ids, n):                       # its generate() with drafts, greedy, the first n tokens
+        for i, _ in enumerate(lookup.generate(ids, top_k=1, temp=0.0, reset=True)):
+            if i + 1 >= n:
+                break
+
     def run(ids, n):                              # feed ids, then n greedy tokens one at a time
         llm.reset()
         llm.eval(ids)
@@ -109,7 +127,10 @@ def bench_llama_cpp(prompt_ids, n_new, repeats, threads):
     prefill = timed(lambda: run(prompt_ids, 0), repeats)
     dec1 = timed(lambda: run(prompt_ids[:64], n_new), repeats)
     pre1 = timed(lambda: run(prompt_ids[:64], 0), repeats)
-    return {"prefill_tok_s": len(prompt_ids) / prefill, "decode_b1_tok_s": n_new / max(dec1 - pre1, 1e-9)}
+    spec1 = timed(lambda: run_lookup(prompt_ids[:64], n_new), repeats)
+    spec_pre1 = timed(lambda: run_lookup(prompt_ids[:64], 1), repeats)
+    return {"prefill_tok_s": len(prompt_ids) / prefill, "decode_b1_tok_s": n_new / max(dec1 - pre1, 1e-9),
+            "decode_b1_lookup_tok_s": (n_new - 1) / max(spec1 - spec_pre1, 1e-9)}
 
 
 def main():
@@ -118,6 +139,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode measurement")
     ap.add_argument("--prefill-tokens", type=int, default=1100)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--draft", type=int, default=DRAFT_TOKENS, help="prompt-lookup guesses per step")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--interleave-prefill", type=int, default=0, metavar="N",
                     help="only N alternating prefill pairs, ours and transformers fp32, and their ratios")
@@ -131,23 +153,24 @@ def main():
     batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
     ours_dtype = default_dtype("cpu")
     results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
-    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype)
-    hf_runs = {str(dt): bench_transformers(ids, batch16, args.decode_tokens, args.repeats, dt)
+    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype, args.draft)
+    hf_runs = {str(dt): bench_transformers(ids, batch16, args.decode_tokens, args.repeats, dt, args.draft)
                for dt in (torch.float32, torch.bfloat16)}
     results["transformers_by_dtype"] = hf_runs
     best = {k: max(r[k] for r in hf_runs.values()) for k in results["ours"]}
     results["transformers_best"] = best
-    results["llama_cpp"] = llama = bench_llama_cpp(ids, args.decode_tokens, args.repeats, args.threads)
+    results["llama_cpp"] = llama = bench_llama_cpp(ids, args.decode_tokens, args.repeats, args.threads, args.draft)
     # the performance issue's targets: ratios to transformers' best, and decode at batch 1 >= llama.cpp
     # (>= 4x transformers when llama.cpp is not installed)
     targets = {"prefill_tok_s": ("transformers", 1.3), "decode_b1_tok_s": ("llama.cpp", 1.0) if llama else
+               ("transformers", 4.0), "decode_b1_lookup_tok_s": ("llama.cpp", 1.0) if llama else
                ("transformers", 4.0), "decode_b16_tok_s": ("transformers", 2.5)}
-    print(f"\n{'measure':<22}{'ours':>10}{'peer':>14}{'peer tok/s':>12}{'ratio':>8}{'target':>8}")
+    print(f"\n{'measure':<24}{'ours':>10}{'peer':>14}{'peer tok/s':>12}{'ratio':>8}{'target':>8}")
     for k, (peer, target) in targets.items():
         ref = llama[k] if peer == "llama.cpp" else best[k]
         ratio = results["ours"][k] / ref
         results.setdefault("ratio", {})[k] = {"peer": peer, "ratio": ratio, "target": target}
-        print(f"{k:<22}{results['ours'][k]:>10.1f}{peer:>14}{ref:>12.1f}{ratio:>7.2f}x{target:>7.1f}x")
+        print(f"{k:<24}{results['ours'][k]:>10.1f}{peer:>14}{ref:>12.1f}{ratio:>7.2f}x{target:>7.1f}x")
     for dt, r in hf_runs.items():
         print(f"  transformers {dt}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))
     print("  llama.cpp (Q4_1): " + (", ".join(f"{k}={v:.1f}" for k, v in llama.items()) if llama else
