@@ -1,0 +1,71 @@
+"""Benchmark: synth.py's role-play stage (paper section 5) at several prompt-lookup draft settings, one process.
+
+Role-plays the same pseudo inputs once per `--drafts` value (model.generate's `draft`: guessed tokens
+checked per greedy step, 0 = one token per step) and prints the seconds, the tokens/s, whether the
+conversations are the same, and where the time went: the model's forward calls grouped by
+(batch rows, tokens per row), prefills of more than 16 tokens together.
+
+    python benchmarks/bench_roleplay.py --inputs runs/webshop/data/inputs.jsonl --samples 16 --turns 5 --drafts 3,0
+"""
+import argparse
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import model as engine  # noqa: E402
+import synth  # noqa: E402
+from prompts import example_inputs, load_prompt  # noqa: E402
+
+
+def count_forwards(stats):
+    """Wrap Llama.forward to add (calls, seconds) per (rows, tokens per row) into stats."""
+    forward = engine.Llama.forward
+
+    def timed_forward(self, tokens, cache=None, **kw):
+        start = time.perf_counter()
+        out = forward(self, tokens, cache, **kw)
+        key = (tokens.shape[0], tokens.shape[1] if tokens.shape[1] <= engine.FEW_TOKENS else "prefill")
+        stats[key][0] += 1
+        stats[key][1] += time.perf_counter() - start
+        return out
+    engine.Llama.forward = timed_forward
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", default="prompts/webshop.txt")
+    ap.add_argument("--inputs", default=None, help="a synth inputs.jsonl; None = the prompt's example inputs")
+    ap.add_argument("--samples", type=int, default=16, help="conversations, one batch")
+    ap.add_argument("--turns", type=int, default=None, help="max agent turns; None = the task's")
+    ap.add_argument("--drafts", default=f"{engine.DRAFT_TOKENS},0", help="comma-separated draft settings")
+    args = ap.parse_args()
+    model, tok = engine.load_model()
+    prompt = load_prompt(args.prompt)
+    task = synth.detect_task(prompt)
+    if args.inputs:
+        inputs = [r["input"] for r in synth.read_jsonl(Path(args.inputs))]
+    else:
+        inputs = [synth.input_of_item(task, prompt, synth.item_of_input(task, x), i)
+                  for i, x in enumerate(example_inputs(prompt))]
+    inputs = (inputs * args.samples)[:args.samples]
+    stats = collections.defaultdict(lambda: [0, 0.0])
+    count_forwards(stats)
+    conversations = {}
+    for draft in (int(d) for d in args.drafts.split(",")):
+        stats.clear()
+        meter, start = synth.Meter(), time.perf_counter()
+        agent, env = synth.personas(model, tok, prompt, task, synth.SynthConfig(draft_tokens=draft), meter)
+        conversations[draft] = synth.roleplay([prompt.user_message(x) for x in inputs], agent, env,
+                                              args.turns or task.max_turns)
+        seconds = time.perf_counter() - start
+        print(f"draft {draft}: {seconds:.1f} s, {meter.tokens} tokens, {meter.tokens / seconds:.1f} tok/s", flush=True)
+        for (rows, width), (calls, secs) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:8]:
+            print(f"  {rows:>2} rows x {width} tokens: {calls:>5} calls, {secs:6.1f} s, {1e3 * secs / calls:6.0f} ms/call")
+    print("same conversations:", all(c == next(iter(conversations.values())) for c in conversations.values()))
+
+
+if __name__ == "__main__":
+    main()
