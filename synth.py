@@ -15,9 +15,11 @@ Four stages, each appending its records to a JSONL file in the output directory:
 then data.jsonl (one record per sample) and quality.json (the paper's Table 4).
 
 Each persona's prompt part is the same for every sample, so its KV cache is computed once
-(`prefill_prefix`) and the samples run in batches after it. A rerun continues where a stopped run
-ended: finished batches are kept, a torn last line is dropped, and every sampling seed comes from
-(seed, stage, batch), so a resumed run writes the same records as an uninterrupted one.
+(`prefill_prefix`) and the samples run in batches after it; the greedy stages also check tokens guessed
+from the chat itself (prompt lookup, `--draft-tokens`), which pays off where the personas copy pages and
+actions. A rerun continues where a stopped run ended: finished batches are kept, a torn last line is
+dropped, and every sampling seed comes from (seed, stage, batch), so a resumed run writes the same
+records as an uninterrupted one.
 
     python synth.py --prompt prompts/webshop.txt --out runs/webshop/data -n 32
     python synth.py --prompt prompts/webshop.txt --out runs/webshop/data --benchmark
