@@ -378,9 +378,9 @@ def prefill_prefix(model: Llama, prefix_ids: list[int], max_len: int) -> KVCache
 class PromptLookup:
     """Draft tokens by prompt lookup (Saxena, 2023): if the row's last n tokens (n = 3, 2, then 1)
     occurred earlier in its text, guess that what followed them then follows now. Agents and
-    environments copy much of their prompt and of earlier turns (a page, an action format), so in the
-    WebShop role-play of runs/ ~4 of 4 drafted tokens match. `seen` maps each n-gram to the position
-    after its latest occurrence that has a token after it."""
+    environments copy much of their prompt and of earlier turns (a page, an action format): in WebShop
+    role-play, 3 guesses per step cut the decoding steps 3.3x (benchmarks/bench_roleplay.py). `seen`
+    maps each n-gram to the position after its latest occurrence that has a token after it."""
 
     def __init__(self, ids: list[int], max_ngram: int = 3):
         self.ids, self.max_ngram, self.seen = [], max_ngram, {}
@@ -443,7 +443,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
     gen = torch.Generator(device=p.device).manual_seed(seed) if seed is not None else None
     lookups = [PromptLookup((context[i] if context else []) + prompts[i]) for i in range(B)] if draft else None
     logits = model(tokens, cache, pad_mask=None if bool(real.all()) else real, last_only=True)   # (B, 1, vocab)
-    drafts = [[] for _ in range(B)]                  # the guesses fed in the last step, per row
+    drafts = {i: [] for i in range(B)}               # the guesses fed in the last step, per row
     out, done, stops = [[] for _ in range(B)], [False] * B, set(stop_ids)
     # Rows that finish leave the batch once they are 3/4 of it (a step at batch 4 costs ~half of one at 16;
     # copying the cache and odd batch sizes, slow in fp32 BLAS here, eat the gain at 1/2);
