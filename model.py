@@ -455,16 +455,13 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
             picks = sample_next(logits[:, -1], temperature, top_p, uniforms=uniforms)[:, None].tolist()   # (rows, 1)
         else:
             picks = logits.argmax(-1).tolist()                       # (rows, T): greedy after each fed token
-        last = []
+        last, rejected = [], []
         for j, i in enumerate(rows):
             if len(out[i]) >= max_new_tokens:        # its last token went into the cache in this step: done
                 done[i] = True
             guess = drafts[i]
             kept = next((a for a in range(len(guess)) if guess[a] != picks[j][a]), len(guess))
-            if kept < len(guess):                                    # rejected guesses: their slots -> padding
-                first = cache.length - len(picks[j]) + 1 + kept
-                cache.valid[j, first:first + len(guess) - kept] = False
-                cache.next_pos[j] -= len(guess) - kept
+            rejected.append(len(guess) - kept)
             new = picks[j][:kept + 1]                                # the accepted guesses + the model's next
             last.append(new[-1])
             for t in new:
@@ -478,6 +475,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
                     done[i] = True
                 if len(out[i]) >= max_new_tokens:    # done after one more step puts its last token in the cache
                     break
+        if any(rejected):                    # a row's rejected guesses are its last real tokens: take them back
+            cache.keep_first((cache.valid.sum(1) - torch.tensor(rejected, device=p.device)).tolist())
         if progress is not None:
             progress.update(1)
         if all(done) or cache.length >= cache.max_len:
