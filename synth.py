@@ -787,6 +787,19 @@ def spare_inputs(out_dir) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- benchmark
+def timed_roleplay(model, tok, prompt, task, cfg, inputs: list[str], batched=True):
+    """Role-play the inputs (batched with the prefix caches, or one at a time without them) ->
+    (conversations, generated tokens, seconds)."""
+    meter, start = Meter(), time.perf_counter()
+    agent, env = personas(model, tok, prompt, task, cfg, meter, use_cache=batched)
+    messages = [prompt.user_message(x) for x in inputs]
+    if batched:
+        convs = roleplay(messages, agent, env, cfg.max_turns or task.max_turns)
+    else:
+        convs = [roleplay([m], agent, env, cfg.max_turns or task.max_turns)[0] for m in messages]
+    return convs, meter.tokens, time.perf_counter() - start
+
+
 def benchmark(model, tok, prompt, task, cfg, inputs: list[str]) -> dict:
     """Role-play tokens/s: batched with prefix caches vs one sample at a time without them, same samples;
     with cfg.draft_tokens > 0, also batched with caches but without the prompt-lookup guesses."""
@@ -794,17 +807,10 @@ def benchmark(model, tok, prompt, task, cfg, inputs: list[str]) -> dict:
     if cfg.draft_tokens:
         arms.insert(1, ("batched+prefix-cache, no drafts", True, 0))
     for name, batched, draft in arms:
-        meter = Meter()
-        start = time.perf_counter()
-        agent, env = personas(model, tok, prompt, task, replace(cfg, draft_tokens=draft), meter, use_cache=batched)
-        messages = [prompt.user_message(x) for x in inputs]
-        if batched:
-            convs = roleplay(messages, agent, env, cfg.max_turns or task.max_turns)
-        else:
-            convs = [roleplay([m], agent, env, cfg.max_turns or task.max_turns)[0] for m in messages]
-        seconds = time.perf_counter() - start
-        results[name] = {"tokens": meter.tokens, "seconds": round(seconds, 1),
-                         "tokens_per_s": round(meter.tokens / seconds, 2), "conversations": convs}
+        convs, tokens, seconds = timed_roleplay(model, tok, prompt, task, replace(cfg, draft_tokens=draft), inputs,
+                                                batched)
+        results[name] = {"tokens": tokens, "seconds": round(seconds, 1),
+                         "tokens_per_s": round(tokens / seconds, 2), "conversations": convs}
     fast, slow = results["batched+prefix-cache"], results["one-at-a-time, no cache"]
     plain = results.get("batched+prefix-cache, no drafts", fast)
     return {"samples": len(inputs), "max_turns": cfg.max_turns or task.max_turns,

@@ -56,12 +56,9 @@ def main():
     conversations = {}
     for draft in (int(d) for d in args.drafts.split(",")):
         stats.clear()
-        meter, start = synth.Meter(), time.perf_counter()
-        agent, env = synth.personas(model, tok, prompt, task, synth.SynthConfig(draft_tokens=draft), meter)
-        conversations[draft] = synth.roleplay([prompt.user_message(x) for x in inputs], agent, env,
-                                              args.turns or task.max_turns)
-        seconds = time.perf_counter() - start
-        print(f"draft {draft}: {seconds:.1f} s, {meter.tokens} tokens, {meter.tokens / seconds:.1f} tok/s", flush=True)
+        cfg = synth.SynthConfig(draft_tokens=draft, max_turns=args.turns)
+        conversations[draft], tokens, seconds = synth.timed_roleplay(model, tok, prompt, task, cfg, inputs)
+        print(f"draft {draft}: {seconds:.1f} s, {tokens} tokens, {tokens / seconds:.1f} tok/s", flush=True)
         for (rows, width), (calls, secs) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:8]:
             print(f"  {rows:>2} rows x {width} tokens: {calls:>5} calls, {secs:6.1f} s, {1e3 * secs / calls:6.0f} ms/call")
     print("same conversations:", all(c == next(iter(conversations.values())) for c in conversations.values()))
