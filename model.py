@@ -205,11 +205,46 @@ def linear(x, weight, bias=None):
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features).contiguous()   # (..., out)
 
 
+# fbgemm's GEMM with fp16 weights (fp32 activations and sums; the weight is widened in registers), in
+# PyTorch's x86 CPU builds. It reads half the bytes of an fp32 weight and packs it for the kernel once.
+FP16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines
+
+
 class Linear(nn.Linear):
-    """nn.Linear through `linear` (above): faster for the few rows of a decoding step on a CPU."""
+    """nn.Linear through `linear` (above): faster for the few rows of a decoding step on a CPU. After
+    `set_fp16_weights(model)`, inference on a CPU in fp32 reads fp16 copies of the weights instead."""
+    fp16 = False
 
     def forward(self, x):
+        if self.fp16 and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed_fp16())      # (..., out)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
+
+    def packed_fp16(self):
+        """The weight rounded to fp16 and packed for fbgemm; packed again whenever the weight changes
+        (an in-place update such as a LoRA merge bumps its version; `.to()` makes a new tensor)."""
+        key = (self.weight.data_ptr(), self.weight._version)
+        if self.__dict__.get("_fp16_key") != key:
+            self._fp16_packed = torch.ops.quantized.linear_prepack_fp16(self.weight.detach(), None)
+            self._fp16_key = key
+        return self._fp16_packed
+
+
+def set_fp16_weights(model: nn.Module, on: bool = True) -> int:
+    """Inference on a CPU in fp32 with fp16 copies of every linear's weight (the blocks' and the LM
+    head), where PyTorch has the fbgemm kernels. Activations, attention and sums stay fp32; the
+    weights lose their bits past fp16's 11 (~2e-4 relative; SmolLM2's GGUF weights are 4-bit already).
+    Measured on 2 cores, SmolLM2's 211 linears: 12.7 instead of 21.8 ms at 1 row, 13.9 instead of
+    46.9 ms at 4 rows (a step with 3 guesses), 45.5 instead of 84.4 ms at 16; equal from ~512 rows.
+    Gradients (training) always take the fp32 weights. Returns the number of layers switched."""
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in layers:
+        m.fp16 = on and FP16_KERNELS
+        if not m.fp16:                                  # free the copies
+            m.__dict__.pop("_fp16_packed", None)
+            m.__dict__.pop("_fp16_key", None)
+    return len(layers) if on and FP16_KERNELS else 0
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import save_tiny_llama
-from model import CheckpointError, KVCache, generate, load_model, prefill_prefix
+from model import FP16_KERNELS, CheckpointError, KVCache, generate, load_model, prefill_prefix, set_fp16_weights
 
 
 def _logits_match(directory, hf_model, T=40):
@@ -67,6 +67,42 @@ def test_sharded_safetensors_with_index(tmp_path):
     assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     _logits_match(tmp_path / "sharded", hf)
+
+
+
+@pytest.mark.skipif(not FP16_KERNELS, reason="this PyTorch build has no fbgemm kernels")
+def test_fp16_weights_equal_transformers_with_fp16_rounded_weights(tmp_path):
+    """set_fp16_weights: inference reads fp16 copies of every linear's weight (fbgemm). Reference: the
+    transformers model with those weights rounded to fp16, everything else fp32; logits and greedy
+    tokens (with prompt-lookup guesses) agree. Gradients take the exact fp32 weights; an in-place update
+    of a weight (a LoRA merge) is seen; switching off gives the fp32 logits back exactly."""
+    hf = save_tiny_llama(tmp_path)
+    ours, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    assert set_fp16_weights(ours) == 2 * 7 + 1                                   # the blocks' linears + LM head
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exact = hf(tokens).logits
+        for m in hf.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.copy_(m.weight.half().float())
+        rounded = hf(tokens).logits
+        got = ours(tokens)
+    torch.testing.assert_close(got, rounded, atol=1e-4, rtol=0)
+    assert (got - exact).abs().max() > 1e-4                                    # the copies are really fp16
+    prompts = [torch.randint(0, 200, (n,), generator=torch.Generator().manual_seed(n)).tolist() * 2 for n in (4, 9)]
+    for p in prompts:
+        theirs = hf.generate(torch.tensor([p]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        assert generate(ours, [p], max_new_tokens=40, draft=3)[0] == theirs[0, len(p):].tolist()
+    x = torch.randn(3, 64, requires_grad=True)
+    q = ours.layers[0].self_attn.q_proj
+    torch.testing.assert_close(q(x), F.linear(x, q.weight), rtol=1e-6, atol=1e-6)   # grad mode: fp32 weights
+    with torch.no_grad():
+        q.weight.mul_(-1)                                                    # in place, as LoRA's merge
+        hf.model.layers[0].self_attn.q_proj.weight.mul_(-1)
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=0)
+        q.weight.mul_(-1)
+        set_fp16_weights(ours, False)
+        assert torch.equal(ours(tokens), load_model(tmp_path, dtype=torch.float32, device="cpu")[0](tokens))
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -357,6 +393,14 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm, smollm_hf):
     theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, len(prompt):]
     assert ours == theirs.tolist()
     assert generate(model, [prompt], max_new_tokens=32, draft=4)[0] == ours      # prompt-lookup guesses
+    if FP16_KERNELS:          # fp16 copies of the weights (as synth, evaluate and train's check run on a CPU)
+        set_fp16_weights(model)
+        try:
+            with torch.no_grad():
+                torch.testing.assert_close(model(x), expected, atol=0.2, rtol=0)    # we observe 0.05 (logits up to 38)
+            assert generate(model, [prompt], max_new_tokens=32, draft=4)[0] == ours
+        finally:
+            set_fp16_weights(model, False)
 
 
 @pytest.mark.slow
