@@ -41,7 +41,8 @@ from agentbench_env import make
 from agentbench_env import mind2web as mind2web_env
 from agentbench_env import os_env
 from agentbench_env import webshop as webshop_env
-from model import DRAFT_TOKENS, KVCache, common_prefix_length, generate, load_model, prefill_prefix
+from model import (DRAFT_TOKENS, KVCache, common_prefix_length, generate,
+                   load_model, prefill_prefix, set_fp16_weights)
 from prompts import load_prompt
 
 TASKS = ("os", "mind2web", "webshop")                      # Table 1's column order
@@ -263,6 +264,8 @@ def parse_args(argv=None):
     ap.add_argument("--skip-invalid", action="store_true", help="OS only: leave out tasks that cannot be read")
     ap.add_argument("--model", metavar="PATH", help="checkpoint (HF directory or .gguf); default: embedded SmolLM2")
     ap.add_argument("--quantize", choices=("none", "nf4"), default="none", help="load the base model in NF4")
+    ap.add_argument("--fp32-weights", action="store_true",
+                    help="on a CPU, read the exact fp32 weights, not fp16 copies (model.set_fp16_weights; slower)")
     ap.add_argument("--max-new-tokens", type=int, default=MAX_NEW_TOKENS, help=f"longest agent reply, in tokens (default {MAX_NEW_TOKENS})")
     ap.add_argument("--out", default=os.path.join("runs", "eval"), help="transcripts go to OUT/<task>/<system>/")
     ap.add_argument("--json", metavar="FILE", help="write the summary as JSON")
@@ -309,7 +312,9 @@ def systems_of(adapters, baselines=True):
 
 
 def load_base(args):
-    return load_model(args.model, quantize=None if args.quantize == "none" else args.quantize)
+    model, tok = load_model(args.model, quantize=None if args.quantize == "none" else args.quantize)
+    set_fp16_weights(model, not args.fp32_weights)                   # inference only
+    return model, tok
 
 
 def use_system(model, system, args):

@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import DRAFT_TOKENS, KVCache, common_prefix_length, cut_at_stop, generate, load_model, prefill_prefix
+from model import (DRAFT_TOKENS, KVCache, common_prefix_length, cut_at_stop, generate,
+                   load_model, prefill_prefix, set_fp16_weights)
 from prompts import AgentPrompt, example_inputs, load_prompt
 
 END = "[END_CONVERSATION]"
@@ -833,6 +834,8 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="delete earlier records in --out first")
     ap.add_argument("--benchmark", action="store_true", help="measure the role-play stage, batched+cached vs plain")
     ap.add_argument("--bench-samples", type=int, default=4, help="samples the benchmark role-plays")
+    ap.add_argument("--fp32-weights", action="store_true",
+                    help="on a CPU, read the exact fp32 weights, not fp16 copies (model.set_fp16_weights; slower)")
     for f in SynthConfig.__dataclass_fields__.values():
         if f.name != "n":
             kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
@@ -843,6 +846,8 @@ def main(argv=None):
     settings = {f: getattr(args, f) for f in SynthConfig.__dataclass_fields__ if f != "n"}
     model, tok = load_model(args.model)
     generator, gen_tok = load_model(args.generator) if args.generator else (None, None)
+    for m in (model, generator or model):
+        set_fp16_weights(m, not args.fp32_weights)
     demos = read_demos(args.demos) if args.demos else []
     out = Path(args.out or f"runs/{prompt.name}/data")
     if args.benchmark:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 import synth
 from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
-from model import DRAFT_TOKENS, generate, load_model
+from model import DRAFT_TOKENS, generate, load_model, set_fp16_weights
 from prompts import PromptFileError, load_prompt
 
 
@@ -62,6 +62,8 @@ class TrainConfig:
     seed: int = 0                          # seeds synthesis, data order, dropout
     resume: bool = False                   # continue from RUNS/NAME/checkpoint (after Ctrl-C or a crash)
     max_steps: int = 0                     # stop after this many optimizer steps (0 = all epochs)
+    fp32_weights: bool = False             # on a CPU, synthesis and the before/after check read the exact
+                                           # fp32 weights, not fp16 copies (model.set_fp16_weights; slower)
 
 
 PRESETS = {"paper": dict(n_samples=1000, max_turns=0, epochs=10, batch_size=32, micro_batch=4, lr=1e-4, warmup=0.03,
@@ -356,6 +358,7 @@ def main(argv=None):
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     t_start = time.time()
     model, tok = load_model(cfg.model, device=device)
+    set_fp16_weights(model, not cfg.fp32_weights)             # synthesis is inference only
     task_name = synth.detect_task(prompt).name
     if cfg.data:                                              # given records: the held-out ones follow the n
         records = synth.read_jsonl(Path(cfg.data))
@@ -370,6 +373,7 @@ def main(argv=None):
     if cfg.quantize == "nf4":                                 # QLoRA: 4-bit base (reload: synthesis used full precision)
         del model
         model, tok = load_model(cfg.model, device=device, quantize="nf4")
+    set_fp16_weights(model, False)                            # the teacher reads the student's fp32 weights
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)                               # the same adapter init in every process
     add_lora(model, lora_cfg)
@@ -390,6 +394,7 @@ def main(argv=None):
             del model
             model, tok = load_model(cfg.model, device=device)
             load_adapter(model, run_dir / "adapter")
+            set_fp16_weights(model, not cfg.fp32_weights)
             rates = before_after(model, tok, prompt, held_out, task_name, log=log)
             (run_dir / "before_after.json").write_text(json.dumps(rates, indent=2))
         log(f"done in {time.time() - t_start:.0f} s")
