@@ -2,10 +2,11 @@
 
 Measures, in one run on one machine: prefill of 1,100 tokens (tokens/s), greedy decode at batch 1 and
 batch 16 (new tokens/s). transformers runs in its best dtype of fp32/bf16 on this CPU (both are tried);
-ours runs in `model.default_dtype` (bf16 only where the CPU has native bf16 matmul). When
-llama-cpp-python is installed (only for this benchmark: `pip install llama-cpp-python` builds llama.cpp
-from source, ~10 min on 2 cores), llama.cpp runs the same GGUF file (its own Q4_1 kernels) on the same
-token ids at batch 1. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
+ours runs in `model.default_dtype` (bf16 only where the CPU has native bf16 matmul), with fp16 copies
+of the weights in fp32 (`model.set_fp16_weights`, as synth, evaluate and train infer on a CPU) and again
+with the exact fp32 weights. When llama-cpp-python is installed (only for this benchmark: `pip install
+llama-cpp-python` builds llama.cpp from source, ~10 min on 2 cores), llama.cpp runs the same GGUF file
+(its own Q4_1 kernels) on the same token ids at batch 1. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
 ratios, since the machine is shared.
 
 Decode at batch 1 is also measured with prompt-lookup guesses (speculative decoding that copies from the
@@ -26,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import DRAFT_TOKENS, default_dtype, embedded_model_path, generate, load_model  # noqa: E402
+from model import (DRAFT_TOKENS, FP16_KERNELS, default_dtype, embedded_model_path, generate,  # noqa: E402
+                   load_model, set_fp16_weights)
 
 
 def once(fn):
@@ -47,8 +49,9 @@ def load_transformers(dtype):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
-def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft):
+def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights):
     model, _ = load_model(dtype=dtype, device="cpu")
+    set_fp16_weights(model, fp16_weights)
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
         prefill = timed(lambda: model(x, last_only=True), repeats)
@@ -153,7 +156,12 @@ def main():
     batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
     ours_dtype = default_dtype("cpu")
     results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
-    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype, args.draft)
+    fp16 = FP16_KERNELS and ours_dtype == torch.float32            # as synth, evaluate and train infer here
+    results["machine"]["ours_fp16_weights"] = fp16
+    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype, args.draft, fp16)
+    if fp16:                                                         # and with the exact fp32 weights
+        results["ours_fp32_weights"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype,
+                                                  args.draft, False)
     hf_runs = {str(dt): bench_transformers(ids, batch16, args.decode_tokens, args.repeats, dt, args.draft)
                for dt in (torch.float32, torch.bfloat16)}
     results["transformers_by_dtype"] = hf_runs
@@ -171,6 +179,8 @@ def main():
         ratio = results["ours"][k] / ref
         results.setdefault("ratio", {})[k] = {"peer": peer, "ratio": ratio, "target": target}
         print(f"{k:<24}{results['ours'][k]:>10.1f}{peer:>14}{ref:>12.1f}{ratio:>7.2f}x{target:>7.1f}x")
+    if fp16:
+        print("  ours, exact fp32 weights: " + ", ".join(f"{k}={v:.1f}" for k, v in results["ours_fp32_weights"].items()))
     for dt, r in hf_runs.items():
         print(f"  transformers {dt}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))
     print("  llama.cpp (Q4_1): " + (", ".join(f"{k}={v:.1f}" for k, v in llama.items()) if llama else
