@@ -2,7 +2,8 @@
 
 A step feeds one token per row after `--cached` slots of each row's own keys and values, optionally
 after a `--prefix` of shared slots (one copy for the batch, as a cached agent prompt). Prints the
-median milliseconds per step over --steps steps, and with --profile the operators that took the time.
+median milliseconds per step over --steps steps (with the fp16 weight copies that synth.py uses on a
+CPU, unless --fp32-weights), and with --profile the operators that took the time.
 
     python benchmarks/bench_decode_step.py --batch 16 --cached 1000 [--prefix 1600] [--profile]
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import KVCache, default_dtype, load_model, prefill_prefix  # noqa: E402
+from model import KVCache, default_dtype, load_model, prefill_prefix, set_fp16_weights  # noqa: E402
 
 
 def main():
@@ -26,8 +27,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=1, help="tokens per row per step (1 + drafts to check)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--profile", action="store_true", help="also print torch.profiler's top operators")
+    ap.add_argument("--fp32-weights", action="store_true", help="the exact weights, not the fp16 copies synth uses")
     args = ap.parse_args()
     model, _ = load_model(dtype=default_dtype("cpu"), device="cpu")
+    set_fp16_weights(model, not args.fp32_weights)
     dtype = next(model.parameters()).dtype
     with torch.inference_mode():
         prefix = prefill_prefix(model, [100 + i % 1000 for i in range(args.prefix)], args.prefix) \

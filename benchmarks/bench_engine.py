@@ -14,8 +14,8 @@ context, `--draft` tokens per step, the same greedy tokens) on all three sides: 
 draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPromptLookupDecoding`).
 
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
-    python benchmarks/bench_engine.py --interleave-prefill 4   # prefill only, ours and transformers fp32
-                                                              # alternating in one process: N ratios
+    python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers
+                                                      # fp32 alternating in one process: N ratios each
 """
 import argparse
 import json
@@ -86,21 +86,31 @@ def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype, draft):
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
-def interleaved_prefill(prompt_ids, rounds):
-    """Prefill ratios, ours / transformers fp32, with the two run alternately in one process: on a shared
-    machine the load drifts between the separate measurements of a full run, not within a pair."""
+def interleaved(prompt_ids, batch16, n_new, rounds):
+    """Prefill and batch-16 decode ratios, ours (as `main` runs it) / transformers fp32, with the two run
+    alternately in one process: on a shared machine the load drifts between the separate measurements
+    of a full run, not within a pair. Decode is timed as generate(n_new) - generate(1), as in `main`."""
     model, _ = load_model(dtype=torch.float32, device="cpu")
+    set_fp16_weights(model, FP16_KERNELS)
     hf = load_transformers(torch.float32)
-    x = torch.tensor([prompt_ids])
+    x, b16 = torch.tensor([prompt_ids]), torch.tensor(batch16)
+    def hf_gen(n):
+        return hf.generate(b16, attention_mask=torch.ones_like(b16), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+    # name -> (seconds of ours, seconds of theirs, tokens per second from seconds)
+    pairs = {"prefill": (lambda: once(lambda: model(x, last_only=True)),
+                         lambda: once(lambda: hf(x, use_cache=False, logits_to_keep=1)),
+                         lambda t: len(prompt_ids) / t),
+             "decode b16": (lambda: once(lambda: generate(model, batch16, n_new)) - once(lambda: generate(model, batch16, 1)),
+                            lambda: once(lambda: hf_gen(n_new)) - once(lambda: hf_gen(1)),
+                            lambda t: 16 * (n_new - 1) / t)}
     with torch.inference_mode():
-        ours = lambda: model(x, last_only=True)
-        theirs = lambda: hf(x, use_cache=False, logits_to_keep=1)
-        ours(), theirs()                                                  # warm-up
-        for r in range(rounds):
-            a, b = once(ours), once(theirs)
-            print(f"round {r + 1}: ours {len(prompt_ids) / a:.0f} tok/s, transformers fp32 "
-                  f"{len(prompt_ids) / b:.0f} tok/s, ratio {b / a:.2f}x")
-
+        for name, (ours, theirs, rate) in pairs.items():
+            ours(), theirs()                                              # warm-up
+            for r in range(rounds):
+                a, b = ours(), theirs()
+                print(f"{name} round {r + 1}: ours {rate(a):.1f} tok/s, transformers fp32 {rate(b):.1f} tok/s, "
+                      f"ratio {b / a:.2f}x", flush=True)
 
 def bench_llama_cpp(prompt_ids, n_new, repeats, threads, draft):
     """llama.cpp on the embedded GGUF file, batch 1 (its Python API runs one sequence): prefill and greedy
@@ -144,16 +154,17 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--draft", type=int, default=DRAFT_TOKENS, help="prompt-lookup guesses per step")
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--interleave-prefill", type=int, default=0, metavar="N",
-                    help="only N alternating prefill pairs, ours and transformers fp32, and their ratios")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="only N alternating pairs of prefill, then of batch-16 decode, ours and transformers "
+                         "fp32, and their ratios")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
     _, tok = load_model(dtype=torch.float32, device="cpu")
     ids = (tok.encode(text) * 4)[: args.prefill_tokens]
-    if args.interleave_prefill:
-        return interleaved_prefill(ids, args.interleave_prefill)
     batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
+    if args.interleave:
+        return interleaved(ids, batch16, args.decode_tokens, args.interleave)
     ours_dtype = default_dtype("cpu")
     results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
     fp16 = FP16_KERNELS and ours_dtype == torch.float32            # as synth, evaluate and train infer here

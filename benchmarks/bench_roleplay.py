@@ -1,11 +1,13 @@
-"""Benchmark: synth.py's role-play stage (paper section 5) at several prompt-lookup draft settings, one process.
+"""Benchmark: synth.py's role-play stage (paper section 5) at several engine settings, one process.
 
 Role-plays the same pseudo inputs once per `--drafts` value (model.generate's `draft`: guessed tokens
-checked per greedy step, 0 = one token per step) and prints the seconds, the tokens/s, whether the
+checked per greedy step, 0 = one token per step) and per `--weights` value (fp16: the fp16 weight copies
+that synth.py uses on a CPU, `model.set_fp16_weights`; fp32: the exact weights), and prints the seconds, the tokens/s, whether the
 conversations are the same, and where the time went: the model's forward calls grouped by
 (batch rows, tokens per row), prefills of more than 16 tokens together.
 
     python benchmarks/bench_roleplay.py --inputs runs/webshop/data/inputs.jsonl --samples 16 --turns 5 --drafts 3,0
+    python benchmarks/bench_roleplay.py --inputs runs/webshop/data/inputs.jsonl --drafts 3 --weights fp16,fp32
 """
 import argparse
 import collections
@@ -41,6 +43,7 @@ def main():
     ap.add_argument("--samples", type=int, default=16, help="conversations, one batch")
     ap.add_argument("--turns", type=int, default=None, help="max agent turns; None = the task's")
     ap.add_argument("--drafts", default=f"{engine.DRAFT_TOKENS},0", help="comma-separated draft settings")
+    ap.add_argument("--weights", default="fp16", help="comma-separated: fp16 (weight copies, as synth.py) or fp32")
     args = ap.parse_args()
     model, tok = engine.load_model()
     prompt = load_prompt(args.prompt)
@@ -54,14 +57,21 @@ def main():
     stats = collections.defaultdict(lambda: [0, 0.0])
     count_forwards(stats)
     conversations = {}
-    for draft in (int(d) for d in args.drafts.split(",")):
-        stats.clear()
-        cfg = synth.SynthConfig(draft_tokens=draft, max_turns=args.turns)
-        conversations[draft], tokens, seconds = synth.timed_roleplay(model, tok, prompt, task, cfg, inputs)
-        print(f"draft {draft}: {seconds:.1f} s, {tokens} tokens, {tokens / seconds:.1f} tok/s", flush=True)
-        for (rows, width), (calls, secs) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:8]:
-            print(f"  {rows:>2} rows x {width} tokens: {calls:>5} calls, {secs:6.1f} s, {1e3 * secs / calls:6.0f} ms/call")
-    print("same conversations:", all(c == next(iter(conversations.values())) for c in conversations.values()))
+    for weights in args.weights.split(","):
+        if weights not in ("fp16", "fp32"):
+            sys.exit(f"error: --weights takes fp16 and fp32, not {weights!r}")
+        engine.set_fp16_weights(model, weights == "fp16")
+        for draft in (int(d) for d in args.drafts.split(",")):
+            stats.clear()
+            cfg = synth.SynthConfig(draft_tokens=draft, max_turns=args.turns)
+            key = f"draft {draft}, {weights} weights"
+            conversations[key], tokens, seconds = synth.timed_roleplay(model, tok, prompt, task, cfg, inputs)
+            print(f"{key}: {seconds:.1f} s, {tokens} tokens, {tokens / seconds:.1f} tok/s", flush=True)
+            for (rows, width), (calls, secs) in sorted(stats.items(), key=lambda kv: -kv[1][1])[:8]:
+                print(f"  {rows:>2} rows x {width} tokens: {calls:>5} calls, {secs:6.1f} s, "
+                      f"{1e3 * secs / calls:6.0f} ms/call")
+    first = next(iter(conversations.values()))
+    print("same conversations:", {key: c == first for key, c in conversations.items()})
 
 
 if __name__ == "__main__":
