@@ -243,12 +243,14 @@ def test_profile_analytic_with_a_tiny_tokenizer(tiny_dir, tmp_path):
 
 def test_latency_fit_on_a_tiny_model(tiny_model, monkeypatch):
     model, tok = tiny_model
-    monkeypatch.setattr(pf, "FIT_PREFILL", ((8, 0), (32, 0), (8, 64), (16, 32)))
-    monkeypatch.setattr(pf, "FIT_DECODE", ((1, 8), (1, 64)))
+    # shapes far enough apart, and medians of 3, that the tiny model's times grow with the work even on
+    # a fast CPU, where a forward of a few tokens is all overhead (8 vs 32 tokens fitted slopes of 0)
+    monkeypatch.setattr(pf, "FIT_PREFILL", ((8, 0), (128, 0), (8, 128), (64, 64)))
+    monkeypatch.setattr(pf, "FIT_DECODE", ((1, 8), (1, 128)))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)               # as profile_flops.main times: two threads thrash on a shared CPU
     try:
-        latency, info = pf.make_latency(model, "fit", 4, repeats=1, decode_steps=1)
+        latency, info = pf.make_latency(model, "fit", 4, repeats=3, decode_steps=1)
     finally:
         torch.set_num_threads(threads)
     assert set(info) == {"prefill", "decode", "prefill unmerged LoRA", "decode unmerged LoRA"}

@@ -118,7 +118,8 @@ def test_split_linear_equals_f_linear(rows):
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     gx, gw = torch.autograd.grad(y.square().sum(), (x, w))
     rx, rw = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
-    torch.testing.assert_close((gx, gw), (rx, rw), rtol=1e-5, atol=1e-4)
+    # sums of 200 products of size ~10 in another order: a few 1e-4 apart (seen on an AVX-512 CPU)
+    torch.testing.assert_close((gx, gw), (rx, rw), rtol=1e-4, atol=1e-4)
     assert torch.equal(linear(x[None], w)[0], y)                              # leading dims are flattened
     assert linear(x[:, None], w).is_contiguous()     # (rows, 1, out) as decoding's q/k/v: SDPA needs it
     w_odd, b = torch.randn(201, 96, generator=g), torch.randn(200, generator=g)
