@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -105,7 +106,10 @@ class LoRALinear(nn.Module):
         if not self.enabled or self.merged:
             return out
         h = self.lora_A(self.dropped(x))                                      # (..., r)
-        return out + (self.lora_B(h) * self.scale).to(out.dtype)              # (..., out)
+        # alpha / r scales B's (out, r) weight, not the (..., out) product: one pass less over the output
+        # forward and backward (QLoRA step of 4 x 512 tokens, bf16, 2-core Xeon, bench_qlora.py: 7.19 s/step
+        # before, 6.34 and 6.83 s in two runs after; transformers + peft bf16 took 9.77-12.23 s)
+        return out + F.linear(h, self.lora_B.weight * self.scale).to(out.dtype)   # (..., out)
 
     def dropped(self, x):
         """dropout(x) in the LoRA dtype. q, k and v read the same x (so do gate and up): the first of

@@ -180,7 +180,22 @@ def attend_after_prefix(q, k, v, kp, vp, mask):
 
 
 # ----------------------------------------------------------------------------- the network
-SPLIT, SPLIT_MAX_ROWS = 4, 64    # see `linear`; SPLIT_MAX_ROWS = 0 turns the split off
+def _cpuinfo() -> str:
+    return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
+def _cpu_vendor() -> str:
+    return next((line.split(":")[1].strip() for line in _cpuinfo().splitlines() if line.startswith("vendor_id")), "")
+
+
+# See `linear`: the most rows per dtype whose product is split (0 = never). In fp32 the split pays where
+# MKL runs a few-row product on one thread: measured on a 2-core AMD EPYC, not on a 2-core Intel Xeon
+# (AVX-512), where F.linear already uses both threads and the split is slower (SmolLM2's 211 linears at
+# 1 row: 62.9 ms split against 22.8 ms). In bf16 (oneDNN) on that Xeon, SmolLM2 decoding steps, both
+# ways in one process: 1 row 43.0 ms split against 46.4 ms, 16 rows 61.2 against 56.3 ms, 16 x 4 rows
+# after a 1,600-token prefix (role-play with guesses) 224.5 against 186.2 ms.
+SPLIT = 4
+SPLIT_MAX_ROWS = {torch.float32: 0 if _cpu_vendor() == "GenuineIntel" else 64, torch.bfloat16: 1}
 FEW_TOKENS = 16                  # steps of up to this many tokens per row attend with attend_after_prefix
 DRAFT_TOKENS = 3                 # prompt-lookup guesses per greedy step in synth, evaluate, train (generate)
 
@@ -192,10 +207,10 @@ def linear(x, weight, bias=None):
     which spreads them over the threads: the same dot products, summed in another order (~1e-7
     relative). Measured on 2 cores, SmolLM2's 211 linears: 15 ms instead of 50 ms at 1 row, 67 instead
     of 90 ms at 16 rows, 157 instead of 173 ms at 64 rows. More rows (prefill, training) and other
-    devices take F.linear."""
+    devices and dtypes take F.linear (SPLIT_MAX_ROWS)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
-    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS or out_features % SPLIT or bias is not None:
+    if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS.get(x.dtype, 0) or out_features % SPLIT or bias is not None:
         return F.linear(x, weight, bias)
     w = weight.view(SPLIT, -1, in_features)                                  # (S, out/S, in)
     xt = x.reshape(rows, in_features).t().expand(SPLIT, -1, -1)              # (S, in, rows)
@@ -566,7 +581,7 @@ def default_dtype(device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = _cpuinfo()
     return torch.bfloat16 if device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 

@@ -15,7 +15,7 @@ draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPro
 
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
     python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers
-                                                      # fp32 alternating in one process: N ratios each
+                                                      # (same dtype) alternating in one process: N ratios each
 """
 import argparse
 import json
@@ -87,12 +87,15 @@ def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype, draft):
 
 
 def interleaved(prompt_ids, batch16, n_new, rounds):
-    """Prefill and batch-16 decode ratios, ours (as `main` runs it) / transformers fp32, with the two run
-    alternately in one process: on a shared machine the load drifts between the separate measurements
-    of a full run, not within a pair. Decode is timed as generate(n_new) - generate(1), as in `main`."""
-    model, _ = load_model(dtype=torch.float32, device="cpu")
-    set_fp16_weights(model, FP16_KERNELS)
-    hf = load_transformers(torch.float32)
+    """Prefill and batch-16 decode ratios, ours (as `main` runs it) / transformers in the same dtype
+    (`model.default_dtype`: bf16 on a CPU with native bf16 matmul, where it is transformers' best, else
+    fp32), the two run alternately in one process: on a shared machine the load drifts between the
+    separate measurements of a full run, not within a pair. Decode is timed as generate(n_new) -
+    generate(1), as in `main`."""
+    dtype = default_dtype("cpu")
+    model, _ = load_model(dtype=dtype, device="cpu")
+    set_fp16_weights(model, FP16_KERNELS and dtype == torch.float32)
+    hf, name = load_transformers(dtype), f"transformers {str(dtype).replace('torch.', '')}"
     x, b16 = torch.tensor([prompt_ids]), torch.tensor(batch16)
     def hf_gen(n):
         return hf.generate(b16, attention_mask=torch.ones_like(b16), max_new_tokens=n, min_new_tokens=n,
@@ -105,12 +108,13 @@ def interleaved(prompt_ids, batch16, n_new, rounds):
                             lambda: once(lambda: hf_gen(n_new)) - once(lambda: hf_gen(1)),
                             lambda t: 16 * (n_new - 1) / t)}
     with torch.inference_mode():
-        for name, (ours, theirs, rate) in pairs.items():
+        for what, (ours, theirs, rate) in pairs.items():
             ours(), theirs()                                              # warm-up
             for r in range(rounds):
                 a, b = ours(), theirs()
-                print(f"{name} round {r + 1}: ours {rate(a):.1f} tok/s, transformers fp32 {rate(b):.1f} tok/s, "
+                print(f"{what} round {r + 1}: ours {rate(a):.1f} tok/s, {name} {rate(b):.1f} tok/s, "
                       f"ratio {b / a:.2f}x", flush=True)
+
 
 def bench_llama_cpp(prompt_ids, n_new, repeats, threads, draft):
     """llama.cpp on the embedded GGUF file, batch 1 (its Python API runs one sequence): prefill and greedy

@@ -29,7 +29,7 @@ def linears_as_mm(monkeypatch):
     """FlopCounterMode names each op: with the split of few-row linears (model.linear) off, every
     linear counts as mm and attention as bmm, so the two can be told apart. The split does the same
     FLOPs (test_split_linears_count_the_same_flops)."""
-    monkeypatch.setattr(model, "SPLIT_MAX_ROWS", 0)
+    monkeypatch.setattr(model, "SPLIT_MAX_ROWS", {})
 
 
 def measured(fn):
@@ -68,7 +68,7 @@ def test_full_forward_matches_flop_counter_per_linear(tiny):
 
 def test_split_linears_count_the_same_flops(tiny, monkeypatch):
     """A decoding step's linears (few rows) run as SPLIT-way batched matmuls: the same FLOPs."""
-    monkeypatch.setattr(model, "SPLIT_MAX_ROWS", 64)
+    monkeypatch.setattr(model, "SPLIT_MAX_ROWS", {torch.float32: 64})
     tokens = torch.randint(0, 300, (1, 10))
     split = measured(lambda: tiny(tokens))["Global"]
     ours = pf.count_forward(TINY, 10)
