@@ -5,8 +5,12 @@ batch 16 (new tokens/s). transformers runs in its best dtype of fp32/bf16 on thi
 ours runs in `model.default_dtype` (bf16 only where the CPU has native bf16 matmul), with fp16 copies
 of the weights in fp32 (`model.set_fp16_weights`, as synth, evaluate and train infer on a CPU) and again
 with the exact fp32 weights. When llama-cpp-python is installed (only for this benchmark: `pip install
-llama-cpp-python` builds llama.cpp from source, ~10 min on 2 cores), llama.cpp runs the same GGUF file
-(its own Q4_1 kernels) on the same token ids at batch 1. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
+llama-cpp-python` builds llama.cpp from source, 4-10 min on 2 cores), llama.cpp runs the same GGUF file
+(its own Q4_1 kernels) on the same token ids at batch 1. On a CPU with AMX whose VM does not grant it
+(seen on a 2-core Xeon: a general protection fault in libggml-cpu on the first `eval`), build it
+without AMX: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON" pip install --no-cache-dir
+llama-cpp-python. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
 ratios, since the machine is shared.
 
 Decode at batch 1 is also measured with prompt-lookup guesses (speculative decoding that copies from the
