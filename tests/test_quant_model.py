@@ -22,11 +22,13 @@ def test_nf4_load_swaps_block_linears_and_matches_dequantized_weights(tiny_dir):
 
 
 @pytest.mark.slow
-def test_nf4_smollm2_agrees_with_full_precision_and_is_small(smollm_path):
-    """Reports next-token agreement of NF4 SmolLM2 with the full-precision model on a chat, and the
-    bytes per parameter of the quantized linear weights (QLoRA, paper section 4)."""
-    full, tok = load_model(smollm_path, dtype=torch.float32, device="cpu")
-    q4, _ = load_model(smollm_path, dtype=torch.float32, device="cpu", quantize="nf4")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_smollm2_agrees_with_full_precision_and_is_small(smollm_path, dtype):
+    """Reports next-token agreement of NF4 SmolLM2 with the unquantized model of the same compute dtype
+    (fp32, and bf16 as QLoRA computes) on a chat, and the bytes per parameter of the quantized linear
+    weights (QLoRA, paper section 4)."""
+    full, tok = load_model(smollm_path, dtype=dtype, device="cpu")
+    q4, _ = load_model(smollm_path, dtype=dtype, device="cpu", quantize="nf4")
     chat = [{"role": "user", "content": "Explain in two sentences why the sky is blue, then give one "
                                         "example of a shell command that counts the files in /etc."}]
     ids = tok.apply_chat(chat)
@@ -36,9 +38,9 @@ def test_nf4_smollm2_agrees_with_full_precision_and_is_small(smollm_path):
         same = full(x).argmax(-1) == q4(x).argmax(-1)                  # (1, T)
     agree = same[0, len(ids) - 1:-1].float().mean().item()                 # on the positions of the reply
     nbytes, nparams = quantized_footprint(q4)
-    print(f"\nNF4 next-token agreement with fp32 over the {len(reply)} reply tokens: {agree:.1%}; "
+    print(f"\nNF4 next-token agreement with {dtype} over the {len(reply)} reply tokens: {agree:.1%}; "
           f"{nbytes / nparams:.3f} bytes/parameter over {nparams / 1e6:.1f}M quantized parameters")
-    assert agree >= 0.6   # measured 2026-11-25: 78%; a 135M model re-quantized from Q4_1 is fragile
+    assert agree >= 0.6   # measured: 78% (fp32, 2026-11-25); a 135M model re-quantized from Q4_1 is fragile
     assert nbytes / nparams <= 0.6
     paris = tok.apply_chat([{"role": "user", "content": "What is the capital of France?"}]) + tok.encode("The capital of France is")
     with torch.no_grad():
