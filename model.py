@@ -201,13 +201,14 @@ DRAFT_TOKENS = 3                 # prompt-lookup guesses per greedy step in synt
 
 
 def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), faster on a CPU for a few rows, as in decoding. PyTorch's CPU fp32
-    matmul runs a product of a few rows on one thread, and reading the weight from memory is the
-    cost; here the weight's output rows are cut into SPLIT blocks multiplied as one batched matmul,
-    which spreads them over the threads: the same dot products, summed in another order (~1e-7
-    relative). Measured on 2 cores, SmolLM2's 211 linears: 15 ms instead of 50 ms at 1 row, 67 instead
-    of 90 ms at 16 rows, 157 instead of 173 ms at 64 rows. More rows (prefill, training) and other
-    devices and dtypes take F.linear (SPLIT_MAX_ROWS)."""
+    """F.linear(x, weight, bias), faster on some CPUs for a few rows, as in decoding. There PyTorch's
+    CPU fp32 matmul runs a product of a few rows on one thread, and reading the weight from memory is
+    the cost; here the weight's output rows are cut into SPLIT blocks multiplied as one batched
+    matmul, which spreads them over the threads: the same dot products, summed in another order
+    (~1e-7 relative). Measured on 2 AMD EPYC cores, SmolLM2's 211 linears: 15 ms instead of 50 ms at 1
+    row, 67 instead of 90 ms at 16 rows, 157 instead of 173 ms at 64 rows. More rows (prefill,
+    training), other devices, and the dtypes and CPUs where it does not pay take F.linear
+    (SPLIT_MAX_ROWS)."""
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     if x.device.type != "cpu" or rows > SPLIT_MAX_ROWS.get(x.dtype, 0) or out_features % SPLIT or bias is not None:
