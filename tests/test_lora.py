@@ -73,6 +73,25 @@ def test_layer_is_base_plus_scaled_low_rank_update():
     assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
 
 
+def test_bf16_update_runs_in_bf16_with_fp32_master_weights():
+    """In bf16 (QLoRA's compute dtype) the update runs in bf16, as autocast would run it: the output
+    is bf16 and near the fp32 update, and A and B stay fp32 with fp32 gradients near the fp32 ones."""
+    base = torch.nn.Linear(64, 48, bias=False)
+    layer = LoRALinear(base, LoRAConfig(r=8, alpha=16, dropout=0.0))
+    randomize_B([("B", layer.lora_B.weight)])
+    x = torch.randn(4, 7, 64)
+    ref = layer(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), [layer.lora_A.weight, layer.lora_B.weight])
+    layer.base.to(torch.bfloat16)
+    out = layer(x.bfloat16())
+    grads = torch.autograd.grad(out.float().square().sum(), [layer.lora_A.weight, layer.lora_B.weight])
+    assert out.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, atol=0.05, rtol=0.02)               # bf16: 8 bits of mantissa
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == torch.float32
+        assert (g - r).norm() <= 0.03 * r.norm()
+
+
 def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
     """q, k, v read one x: one dropout mask for the three (PEFT's statistics per layer: each element
     kept with probability 1 - p, scaled by 1 / (1 - p)); a new or modified input gets a new draw."""
