@@ -10,8 +10,9 @@ Adapters are saved in the Hugging Face PEFT layout (`adapter_config.json` + `ada
 so `peft.PeftModel.from_pretrained` reads ours and `load_adapter` reads PEFT's. A wrapped layer keeps
 the base as `.base` and the factors as `.lora_A` / `.lora_B` (bias-free nn.Linear), so our state-dict
 key `layers.0.self_attn.q_proj.lora_A.weight` is PEFT's `base_model.model.model.` + the same key.
-LoRA weights are kept in fp32 (like PEFT's default `autocast_adapter_dtype`), whatever the base dtype; the update
-runs in the compute dtype (bf16 for QLoRA), as torch.autocast would run it, with fp32 gradients.
+LoRA weights are kept in fp32 (like PEFT's default `autocast_adapter_dtype`), whatever the base
+dtype; the update runs in the compute dtype (bf16 for QLoRA), as torch.autocast would run it, with
+fp32 gradients.
 
     model, tok = load_model(quantize="nf4")
     add_lora(model, LoRAConfig())               # freezes the base, trains only A and B

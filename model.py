@@ -13,6 +13,7 @@ slots 0..P-1 of every row, then each row's padding, then its tokens.
     model, tok = load_model()                          # the embedded SmolLM2-135M-Instruct
     out = generate(model, [tok.apply_chat(msgs)], max_new_tokens=32, stop_ids=tok.stop_ids)
 """
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,7 @@ def attend_after_prefix(q, k, v, kp, vp, mask):
 
 
 # ----------------------------------------------------------------------------- the network
+@functools.cache
 def _cpuinfo() -> str:
     return Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
