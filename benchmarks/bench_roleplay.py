@@ -29,7 +29,7 @@ def count_forwards(stats):
     def timed_forward(self, tokens, cache=None, **kw):
         start = time.perf_counter()
         out = forward(self, tokens, cache, **kw)
-        key = (tokens.shape[0], tokens.shape[1] if tokens.shape[1] <= engine.FEW_TOKENS else "prefill")
+        key = (tokens.shape[0], tokens.shape[1] if tokens.shape[1] <= 1 + engine.DRAFT_TOKENS else "prefill")
         stats[key][0] += 1
         stats[key][1] += time.perf_counter() - start
         return out

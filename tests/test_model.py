@@ -415,20 +415,27 @@ def test_smollm2_answers_sensibly(smollm):
     assert "Paris" in tok.decode(out)
 
 
-def test_shared_prefix_attention_equals_attention_over_the_concatenation():
-    """attend_after_prefix (one prefix copy for the batch) == SDPA over [prefix | own slots] per row."""
+@pytest.mark.parametrize("fused", [True, False], ids=["cpu-flash", "matmuls"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_attention_equals_attention_over_the_concatenation(fused, dtype):
+    """attend_after_prefix (one prefix copy for the batch, merged by log-sum-exp) == SDPA over
+    [prefix | own slots] per row, on slices of a larger cache as in decoding, by both of its kernels."""
     from model import attend_after_prefix
     g = torch.Generator().manual_seed(0)
     B, H, KVH, P, S, hd = 3, 6, 2, 7, 5, 8
     kp, vp = torch.randn(1, KVH, P, hd, generator=g), torch.randn(1, KVH, P, hd, generator=g)
-    k, v = torch.randn(B, KVH, S, hd, generator=g), torch.randn(B, KVH, S, hd, generator=g)
-    for T, mask in ((1, None), (S, None), (3, torch.rand(B, 1, 3, S, generator=g) > 0.3)):
+    k_all, v_all = torch.randn(B, KVH, S + 4, hd, generator=g), torch.randn(B, KVH, S + 4, hd, generator=g)
+    k, v = k_all[:, :, :S], v_all[:, :, :S]                       # the filled slots of a cache
+    for T, mask in ((1, None), (S, None), (3, None), (3, torch.rand(B, 1, 3, S, generator=g) > 0.3)):
         if mask is not None:
             mask[..., -1] = True                                  # no empty row
         q = torch.randn(B, H, T, hd, generator=g)
         full_k, full_v = torch.cat((kp.expand(B, -1, -1, -1), k), 2), torch.cat((vp.expand(B, -1, -1, -1), v), 2)
-        own = mask if mask is not None else (torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
-                                             if T > 1 else torch.ones(1, 1, 1, S, dtype=torch.bool))
+        own = mask if mask is not None else torch.ones(T, S, dtype=torch.bool).tril(S - T)[None, None]
         full_mask = torch.cat((torch.ones(B, 1, T, P, dtype=torch.bool), own.expand(B, 1, T, S)), -1)
-        expected = torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v, attn_mask=full_mask, enable_gqa=True)
-        torch.testing.assert_close(attend_after_prefix(q, k, v, kp, vp, mask), expected, atol=1e-5, rtol=1e-5)
+        expected = torch.nn.functional.scaled_dot_product_attention(q.double(), full_k.double(), full_v.double(),
+                                                                    attn_mask=full_mask, enable_gqa=True)
+        got = attend_after_prefix(*(t.to(dtype) for t in (q, k, v, kp, vp)), mask, fused=fused)
+        assert got.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
