@@ -320,6 +320,25 @@ def test_top_p_keeps_only_the_nucleus():
     assert int(sample_next(logits, 0.0, 1.0)) == 0
 
 
+
+def test_nucleus_of_flat_rows_is_found_in_the_whole_vocabulary():
+    """Rows whose 256 likeliest tokens hold less than top_p are sampled from the sorted vocabulary, the
+    others from their top 256; each row draws what a full sort of its own probabilities gives."""
+    from model import sample_next
+    g = torch.Generator().manual_seed(0)
+    vocab = 3000
+    logits = torch.randn(6, vocab, generator=g) * torch.tensor([[8.0], [0.5], [8.0], [0.1], [3.0], [0.5]])
+    uniforms = torch.rand(6, generator=g)
+    probs = torch.softmax(logits, -1)
+    top, order = probs.sort(-1, descending=True)
+    expected = []
+    for p_row, o_row, u in zip(top, order, uniforms):            # the nucleus by its definition, row by row
+        n = int((p_row.cumsum(0) - p_row < 0.9).sum())
+        cdf = p_row[:n].cumsum(0)
+        expected.append(int(o_row[min(int((cdf <= u * cdf[-1]).sum()), n - 1)]))
+    assert (probs.topk(256).values.sum(-1) < 0.9).tolist() == [False, True, False, True, False, True]
+    assert sample_next(logits, 1.0, 0.9, uniforms=uniforms).tolist() == expected
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_checkpoints_give_one_clear_error(tmp_path):
     save_tiny_llama(tmp_path / "ok")
