@@ -24,14 +24,11 @@ records as an uninterrupted one.
     python synth.py --prompt prompts/webshop.txt --out runs/webshop/data -n 32
     python synth.py --prompt prompts/webshop.txt --out runs/webshop/data --benchmark
 """
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: spinning threads on a shared
-                                                     # CPU made every matmul ~30x slower here
 import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import sys
