@@ -166,7 +166,9 @@ def attention_with_lse(q, k, v, mask=None, fused=None):
     `fused` (default: on a CPU) runs SDPA's CPU flash kernel, which returns the log-sum-exp it keeps anyway
     and reads slices of the cache in place: bf16 `bmm` first copies a cache slice, and on the 2-core Xeon
     q @ k^T on (16, 3, 500 of 700, 64) took 854 us against 176 us on a contiguous copy. Elsewhere: matmuls."""
-    if fused if fused is not None else q.device.type == "cpu":
+    if fused is None:
+        fused = q.device.type == "cpu"
+    if fused:
         if mask is not None:                       # the kernel takes an additive mask in q's dtype
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=mask)
@@ -528,7 +530,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
     out, done, stops = [[] for _ in range(B)], [False] * B, set(stop_ids)
     # Rows that finish leave the batch once they are half of it (KEEP_ALIVE): on the 2-core Xeon in bf16 a
     # step of 8 x 4 tokens after 1,600 + 800 cached slots costs 95 ms against 137 ms at 16 x 4, and WebShop
-    # role-play of 16 samples took 66.8 s against 76.1 s leaving at 3/4 (in fp32 on an AMD EPYC, 1/2 did not
+    # role-play of 16 samples took 66.8-67.8 s against 75.6-76.6 s leaving at 3/4 (in fp32 on an AMD EPYC, 1/2 did not
     # pay for copying the cache). `root` is the cache of every row, `cache` the one of the rows still
     # running, `rows` their prompts.
     root, rows = cache, list(range(B))
@@ -566,7 +568,7 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
             break
         nxt = torch.tensor(last, device=p.device)
         alive = [j for j, i in enumerate(rows) if not done[i]]
-        if len(alive) <= len(rows) * KEEP_ALIVE:       # most rows finished: go on with the others only
+        if len(alive) <= len(rows) * KEEP_ALIVE:       # half the rows finished: go on with the others only
             if cache is not root:
                 root.write_rows(cache, rows)
             cache, nxt, rows = root.select([rows[j] for j in alive]), nxt[alive], [rows[j] for j in alive]
