@@ -26,7 +26,7 @@ from tqdm import tqdm
 import synth
 from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
-from model import DRAFT_TOKENS, generate, load_model, set_fp16_weights
+from model import DRAFT_TOKENS, generate, keep_freed_memory, load_model, set_fp16_weights
 from prompts import PromptFileError, load_prompt
 
 
@@ -356,6 +356,7 @@ def main(argv=None):
     random.seed(cfg.seed)
 
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    keep_freed_memory()                                       # no page faults on each step's temporaries
     t_start = time.time()
     model, tok = load_model(cfg.model, device=device)
     set_fp16_weights(model, not cfg.fp32_weights)             # synthesis is inference only

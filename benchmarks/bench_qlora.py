@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
 from loss import lm_loss  # noqa: E402
-from model import default_dtype, embedded_model_path, load_model  # noqa: E402
+from model import default_dtype, embedded_model_path, keep_freed_memory, load_model  # noqa: E402
 
 
 def step_time(loss_fn, params, tokens, steps, warmup):
@@ -44,6 +44,7 @@ def step_time(loss_fn, params, tokens, steps, warmup):
 
 
 def bench_ours(tokens, steps, warmup, dtype):
+    keep_freed_memory()                                      # as train.py does
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
