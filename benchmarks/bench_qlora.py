@@ -9,7 +9,9 @@ does (ours: loss.lm_loss; transformers: full logits, then F.cross_entropy). Ours
 --dtype (default `model.default_dtype`: fp32 on CPUs without native bf16 matmul, bf16 otherwise); the
 reference runs in each of --peft-dtypes. The QLoRA issue names bf16 compute for both sides; on a CPU
 without native bf16, fp32 is each side's faster dtype, so run both pairs. After --warmup untimed steps
-(default 1), the median of --steps steps.
+(default 1), the median of --steps steps. Both sides run with `model.keep_freed_memory`, as train.py
+does (glibc keeps freed memory instead of mapping large blocks afresh), unless --glibc-defaults: it is
+process-wide, so the two sides always share the setting.
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
     python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's bf16 pair
@@ -44,7 +46,6 @@ def step_time(loss_fn, params, tokens, steps, warmup):
 
 
 def bench_ours(tokens, steps, warmup, dtype):
-    keep_freed_memory()                                      # as train.py does
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -79,7 +80,11 @@ def main():
                     help="compute dtype of ours (default: model.default_dtype for the CPU)")
     ap.add_argument("--peft-dtypes", default="fp32,bf16",
                     help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
     args = ap.parse_args()
+    if not args.glibc_defaults:
+        keep_freed_memory()
     peft_dtypes = args.peft_dtypes.split(",")
     unknown = set(peft_dtypes) - set(DTYPES)
     if unknown:
@@ -90,7 +95,8 @@ def main():
     tokens = torch.randint(0, 49152, (args.batch, args.seq_len))                   # (B, T) SmolLM2 vocab
     n = tokens.numel()
     print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
-          f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up")
+          f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up, "
+          f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both")
     ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype)
     print(f"  ours done: {ours:.2f} s/step")
     refs = {}
