@@ -11,7 +11,9 @@ reference runs in each of --peft-dtypes. The QLoRA issue names bf16 compute for 
 without native bf16, fp32 is each side's faster dtype, so run both pairs. After --warmup untimed steps
 (default 1), the median of --steps steps. Both sides run with `model.keep_freed_memory`, as train.py
 does (glibc keeps freed memory instead of mapping large blocks afresh), unless --glibc-defaults: it is
-process-wide, so the two sides always share the setting.
+process-wide, so the two sides always share the setting. Ours keeps its dequantized weights between
+steps when they fit, as train.py does (`quant.keep_dequantized`; --keep-dequantized off dequantizes in
+every forward and backward).
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
     python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's bf16 pair
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
 from loss import lm_loss  # noqa: E402
 from model import default_dtype, embedded_model_path, keep_freed_memory, load_model  # noqa: E402
+from quant import dequantized_fits, keep_dequantized  # noqa: E402
 
 
 def step_time(loss_fn, params, tokens, steps, warmup):
@@ -45,8 +48,10 @@ def step_time(loss_fn, params, tokens, steps, warmup):
     return statistics.median(times)
 
 
-def bench_ours(tokens, steps, warmup, dtype):
+def bench_ours(tokens, steps, warmup, dtype, keep):
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
+    if keep == "on" or (keep == "auto" and dequantized_fits(model, dtype, "cpu")):
+        keep_dequantized(model)                                                    # as train.py
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
     # the loss train.py uses: the LM head only over trained positions, chunked (loss.lm_loss)
@@ -80,6 +85,8 @@ def main():
                     help="compute dtype of ours (default: model.default_dtype for the CPU)")
     ap.add_argument("--peft-dtypes", default="fp32,bf16",
                     help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
+    ap.add_argument("--keep-dequantized", choices=("auto", "on", "off"), default="auto",
+                    help="ours: keep the dequantized NF4 weights between passes (auto: as train.py, when they fit)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
     args = ap.parse_args()
@@ -96,8 +103,9 @@ def main():
     n = tokens.numel()
     print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
           f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up, "
-          f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both")
-    ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype)
+          f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both, "
+          f"--keep-dequantized {args.keep_dequantized}")
+    ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype, args.keep_dequantized)
     print(f"  ours done: {ours:.2f} s/step")
     refs = {}
     for name in peft_dtypes:

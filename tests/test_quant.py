@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model
-from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, dequantize_nf4, nf4_nbytes,
+from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, dequantize_nf4, dequantized_fits, keep_dequantized, nf4_nbytes,
                    quantize_linears, quantize_nf4, quantized_footprint)
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -118,6 +118,52 @@ def test_linear4bit_forward_matches_bnb(dtype):
     fresh.load_state_dict(layer.state_dict())
     assert torch.equal(fresh(x), expected)
     assert not any(p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keep", [False, True])
+def test_linear4bit_gradient_matches_bnb_and_keeps_no_weight_for_backward(dtype, keep):
+    """x's gradient is the dense layer's, with bitsandbytes' dequantized weight; autograd saves no
+    (out, in) weight between forward and backward: backward dequantizes again, or reads the kept copy."""
+    torch.manual_seed(0)
+    linear = nn.Linear(576, 192)
+    layer = Linear4bit.from_linear(linear)
+    keep_dequantized(layer, keep)
+    packed, st = bnb_quantize(linear.weight.detach())
+    w = bnb_dequantize(packed, st, dtype)
+    x = torch.randn(3, 5, 576, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(3, 5, 192, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    assert torch.equal(y, F.linear(x, w, linear.bias.detach().to(dtype)))
+    y.backward(grad_out)
+    assert torch.equal(x.grad, grad_out @ w)
+    assert torch.Size((192, 576)) not in saved and torch.Size((576, 192)) not in saved
+
+
+def test_keep_dequantized_dequantizes_once_and_follows_new_weights(monkeypatch):
+    import quant
+    calls = []
+    real = quant.dequantize_nf4
+    monkeypatch.setattr(quant, "dequantize_nf4", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer, other = Linear4bit.from_linear(nn.Linear(64, 32)), Linear4bit.from_linear(nn.Linear(64, 32))
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert len(calls) == 2                                       # without keep: forward and backward
+    assert keep_dequantized(nn.Sequential(layer)) == 1
+    for _ in range(3):
+        layer(x).sum().backward()
+    assert len(calls) == 2 + 1                                  # once
+    layer(x.detach().bfloat16())
+    assert len(calls) == 4 and vars(layer)["_kept"][1].dtype == torch.bfloat16   # the one copy, in the new dtype
+    layer.load_state_dict(other.state_dict())                    # new NF4 codes, written in place
+    assert torch.equal(layer(x), F.linear(x, real(other.state, torch.float32), other.bias))
+    assert len(calls) == 5
+    keep_dequantized(layer, False)
+    assert "_kept" not in vars(layer)
+    assert dequantized_fits(layer, torch.bfloat16, "cpu") and not dequantized_fits(layer, torch.bfloat16, "cpu", 1e-12)
 
 
 def test_linear4bit_without_bias():
