@@ -156,14 +156,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), None, None, None
 
 
-def linear_cross_entropy(h, weight, targets, chunk: int = 64):
+def linear_cross_entropy(h, weight, targets, chunk: int = 128):
     """F.cross_entropy(h @ weight.T, targets) for h (N, dim) and a frozen weight (vocab, dim), in chunks
     of rows. Measured on SmolLM2 (vocab 49,152), 2 CPU threads: saves the full-vocabulary log-softmax
     and its backward over a (B*T, vocab) tensor (~0.7 s of a 9 s step of 1,024 tokens).
-    Chunks of 64 rows: a chunk's fp32 logits (12.6 MB) stay under glibc's 32 MB mmap threshold, so their
+    Chunks of 128 rows: a chunk's fp32 logits (25 MB) stay under glibc's 32 MB mmap threshold, so their
     memory is reused; 256-row chunks (50 MB) came fresh from the OS each time, with 220,000-330,000 page
-    faults per QLoRA step. Steps of 1,800 + 700 tokens on the 2-core Xeon, alternating in one process:
-    7.55-8.22 s with 256 rows against 6.90-7.43 s with 64 (0 page faults)."""
+    faults per QLoRA step (steps of 1,800 + 700 tokens on the 2-core Xeon, alternating in one process:
+    7.55-8.22 s with 256 rows against 6.90-7.43 s with 64). Fewer, larger products pay: 1,800 rows of
+    SmolLM2 forward + backward in bf16, best of 3, twice: 64 rows 417-432 ms, 128 rows 325-338 ms with
+    `model.keep_freed_memory` (256: 281-294 ms), and 463-512 against 372-394 ms without it (256: 436-444)."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the LM head; freeze it")
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
