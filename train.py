@@ -26,7 +26,7 @@ from tqdm import tqdm
 import synth
 from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
-from model import DRAFT_TOKENS, generate, keep_freed_memory, load_model, set_fp16_weights
+from model import DRAFT_TOKENS, generate, keep_freed_memory, load_model, prefill_prefix, set_fp16_weights
 from prompts import PromptFileError, load_prompt
 from quant import dequantized_fits, keep_dequantized
 
@@ -312,6 +312,20 @@ def follows_format(task_name: str, reply: str) -> bool:
     return re.search(ACTION_FORMAT.get(task_name, r"(Action|Act|Answer): *\S"), reply) is not None
 
 
+def generate_sharing_prefix(model, id_lists, max_new_tokens, **kw):
+    """generate() for rows that start alike (the agent prompt, then each input): their common prefix is
+    prefilled once (model.prefill_prefix) instead of once per row. 4 WebShop rows: ~1,600 tokens once
+    instead of 4 times."""
+    n = 0
+    while n < min(len(x) for x in id_lists) - 1 and len({x[n] for x in id_lists}) == 1:
+        n += 1                                                # each row keeps at least one token of its own
+    if len(id_lists) < 2 or n < 2:
+        return generate(model, id_lists, max_new_tokens, **kw)
+    prefix = prefill_prefix(model, id_lists[0][:n], n)
+    return generate(model, [x[n:] for x in id_lists], max_new_tokens, prefix=prefix,
+                    context=[x[:n] for x in id_lists], **kw)
+
+
 def before_after(model, tok, prompt, inputs, task_name, max_new_tokens=96, log=print):
     """For held-out pseudo inputs: base without prompt, base with prompt, adapter without prompt.
     Returns the share of replies in the prompt's action format for each."""
@@ -320,8 +334,8 @@ def before_after(model, tok, prompt, inputs, task_name, max_new_tokens=96, log=p
     systems = {}
     with adapter_disabled(model):
         systems["base, no prompt"] = generate(model, [tok.apply_chat([u]) for u in users], max_new_tokens, **stop)
-        systems["base + prompt"] = generate(model, [tok.apply_chat(prompt.turns + [u]) for u in users],
-                                            max_new_tokens, **stop)
+        systems["base + prompt"] = generate_sharing_prefix(model, [tok.apply_chat(prompt.turns + [u]) for u in users],
+                                                           max_new_tokens, **stop)
     systems["adapter, no prompt"] = generate(model, [tok.apply_chat([u]) for u in users], max_new_tokens, **stop)
     rates = {}
     for name, outs in systems.items():

@@ -137,3 +137,16 @@ def test_torchrun_two_processes_equal_one_process(tiny_dir, tmp_path):
     la = [json.loads(x)["total"] for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["total"] for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, abs=1e-4)
+
+
+def test_generate_sharing_prefix_prefills_the_common_prefix_once(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    id_lists = [[5, 9, 11, 13, 17, 3], [5, 9, 11, 13, 21, 4, 8], [5, 9, 11, 13, 2]]
+    prefilled = []
+    real = train.prefill_prefix
+    monkeypatch.setattr(train, "prefill_prefix", lambda m, ids, n: prefilled.append(list(ids)) or real(m, ids, n))
+    shared = train.generate_sharing_prefix(model, id_lists, 12, draft=3)
+    assert prefilled == [[5, 9, 11, 13]]
+    assert shared == train.generate(model, id_lists, 12)     # the greedy tokens of the rows computed whole
+    assert train.generate_sharing_prefix(model, [[5, 9], [5, 9]], 4) == train.generate(model, [[5, 9], [5, 9]], 4)
+    assert len(prefilled) == 1                                 # too short a common part: not worth a prefix
