@@ -26,7 +26,8 @@ from tqdm import tqdm
 import synth
 from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
-from model import DRAFT_TOKENS, generate, keep_freed_memory, load_model, prefill_prefix, set_fp16_weights
+from model import (DRAFT_TOKENS, common_prefix_length, generate, keep_freed_memory, load_model, prefill_prefix,
+                   set_fp16_weights)
 from prompts import PromptFileError, load_prompt
 from quant import dequantized_fits, keep_dequantized
 
@@ -316,9 +317,8 @@ def generate_sharing_prefix(model, id_lists, max_new_tokens, **kw):
     """generate() for rows that start alike (the agent prompt, then each input): their common prefix is
     prefilled once (model.prefill_prefix) instead of once per row. 4 WebShop rows: ~1,600 tokens once
     instead of 4 times."""
-    n = 0
-    while n < min(len(x) for x in id_lists) - 1 and len({x[n] for x in id_lists}) == 1:
-        n += 1                                                # each row keeps at least one token of its own
+    n = min(common_prefix_length(id_lists[0], x) for x in id_lists)
+    n = min(n, min(len(x) for x in id_lists) - 1)             # each row keeps at least one token of its own
     if len(id_lists) < 2 or n < 2:
         return generate(model, id_lists, max_new_tokens, **kw)
     prefix = prefill_prefix(model, id_lists[0][:n], n)
@@ -394,7 +394,8 @@ def main(argv=None):
         del model
         model, tok = load_model(cfg.model, device=device, quantize="nf4")
         dtype = next(model.parameters()).dtype
-        if cfg.keep_dequantized == "on" or (cfg.keep_dequantized == "auto" and dequantized_fits(model, dtype, device)):
+        fits = cfg.keep_dequantized == "auto" and dequantized_fits(model, dtype, device)
+        if cfg.keep_dequantized == "on" or fits:
             keep_dequantized(model)                           # the demo: 8 dequantizations less per step
     set_fp16_weights(model, False)                            # the teacher reads the student's fp32 weights
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
