@@ -267,6 +267,16 @@ def dequantized_fits(module: nn.Module, dtype: torch.dtype, device, share: float
     return numel * torch.finfo(dtype).bits // 8 <= share * total
 
 
+def keep_dequantized_if(module: nn.Module, mode: str, dtype: torch.dtype, device) -> bool:
+    """The --keep-dequantized setting of train.py: "on", "off", or "auto" (on when `dequantized_fits`).
+    Returns whether the weights are now kept."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"keep-dequantized must be auto, on or off, not {mode!r}")
+    keep = mode == "on" or (mode == "auto" and dequantized_fits(module, dtype, device))
+    keep_dequantized(module, keep)
+    return keep
+
+
 def quantized_footprint(module: nn.Module) -> tuple[int, int]:
     """(bytes, parameters) of all Linear4bit weights in `module`; bytes / parameters ~ 0.52."""
     layers = [m for m in module.modules() if isinstance(m, Linear4bit)]

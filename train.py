@@ -29,7 +29,7 @@ from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_lo
 from model import (DRAFT_TOKENS, common_prefix_length, generate, keep_freed_memory, load_model, prefill_prefix,
                    set_fp16_weights)
 from prompts import PromptFileError, load_prompt
-from quant import dequantized_fits, keep_dequantized
+from quant import keep_dequantized_if
 
 
 @dataclass
@@ -360,7 +360,7 @@ def main(argv=None):
         raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     if cfg.pg_target not in PG_TARGETS:
         raise SystemExit(f"error: --pg-target must be one of {', '.join(PG_TARGETS)}, not {cfg.pg_target!r}")
-    if cfg.keep_dequantized not in ("auto", "on", "off"):
+    if cfg.keep_dequantized not in ("auto", "on", "off"):                 # checked before any long work
         raise SystemExit(f"error: --keep-dequantized must be auto, on or off, not {cfg.keep_dequantized!r}")
     if cfg.method == "sft":
         cfg.lam = 1.0
@@ -393,10 +393,7 @@ def main(argv=None):
     if cfg.quantize == "nf4":                                 # QLoRA: 4-bit base (reload: synthesis used full precision)
         del model
         model, tok = load_model(cfg.model, device=device, quantize="nf4")
-        dtype = next(model.parameters()).dtype
-        fits = cfg.keep_dequantized == "auto" and dequantized_fits(model, dtype, device)
-        if cfg.keep_dequantized == "on" or fits:
-            keep_dequantized(model)                           # the demo: 8 dequantizations less per step
+        keep_dequantized_if(model, cfg.keep_dequantized, next(model.parameters()).dtype, device)   # demo: on
     set_fp16_weights(model, False)                            # the teacher reads the student's fp32 weights
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)                               # the same adapter init in every process

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
 from loss import lm_loss  # noqa: E402
 from model import default_dtype, embedded_model_path, keep_freed_memory, load_model  # noqa: E402
-from quant import dequantized_fits, keep_dequantized  # noqa: E402
+from quant import keep_dequantized_if  # noqa: E402
 
 
 def step_time(loss_fn, params, tokens, steps, warmup):
@@ -50,8 +50,7 @@ def step_time(loss_fn, params, tokens, steps, warmup):
 
 def bench_ours(tokens, steps, warmup, dtype, keep):
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
-    if keep == "on" or (keep == "auto" and dequantized_fits(model, dtype, "cpu")):
-        keep_dequantized(model)                                                    # as train.py
+    keep_dequantized_if(model, keep, dtype, "cpu")                                # as train.py
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
     # the loss train.py uses: the LM head only over trained positions, chunked (loss.lm_loss)

@@ -7,7 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model
-from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, dequantize_nf4, dequantized_fits, keep_dequantized, nf4_nbytes,
+from quant import (DYNAMIC_CODE, NF4_CODE, Linear4bit, dequantize_nf4, dequantized_fits, keep_dequantized,
+                   keep_dequantized_if, nf4_nbytes,
                    quantize_linears, quantize_nf4, quantized_footprint)
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -164,6 +165,10 @@ def test_keep_dequantized_dequantizes_once_and_follows_new_weights(monkeypatch):
     keep_dequantized(layer, False)
     assert "_kept" not in vars(layer)
     assert dequantized_fits(layer, torch.bfloat16, "cpu") and not dequantized_fits(layer, torch.bfloat16, "cpu", 1e-12)
+    assert keep_dequantized_if(layer, "auto", torch.float32, "cpu") and layer.keep          # 8 KB of 24 GiB
+    assert not keep_dequantized_if(layer, "off", torch.float32, "cpu") and not layer.keep
+    with pytest.raises(ValueError, match="auto, on or off"):
+        keep_dequantized_if(layer, "yes", torch.float32, "cpu")
 
 
 def test_linear4bit_without_bias():

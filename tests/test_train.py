@@ -82,6 +82,8 @@ def test_bad_input_fails_before_loading_anything(tmp_path, capsys):
         train.main(["--prompt", str(bad)])
     with pytest.raises(SystemExit, match="--method must be one of"):
         train.main(["--prompt", "prompts/os.txt", "--method", "magic"])
+    with pytest.raises(SystemExit, match="--keep-dequantized must be auto, on or off"):
+        train.main(["--prompt", "prompts/os.txt", "--keep-dequantized", "yes"])
     with pytest.raises(SystemExit, match="missing.txt"):
         train.main(["--prompt", str(tmp_path / "missing.txt")])
 
