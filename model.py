@@ -620,7 +620,6 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cpu" and ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
-
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of giving it back to the OS. By default
     it maps large blocks afresh and trims the top of the heap, so a training step's big temporaries come

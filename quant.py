@@ -267,10 +267,13 @@ def dequantized_fits(module: nn.Module, dtype: torch.dtype, device, share: float
     return numel * torch.finfo(dtype).bits // 8 <= share * total
 
 
+KEEP_MODES = ("auto", "on", "off")  # train.py / bench_qlora.py --keep-dequantized
+
+
 def keep_dequantized_if(module: nn.Module, mode: str, dtype: torch.dtype, device) -> bool:
     """The --keep-dequantized setting of train.py: "on", "off", or "auto" (on when `dequantized_fits`).
     Returns whether the weights are now kept."""
-    if mode not in ("auto", "on", "off"):
+    if mode not in KEEP_MODES:
         raise ValueError(f"keep-dequantized must be auto, on or off, not {mode!r}")
     keep = mode == "on" or (mode == "auto" and dequantized_fits(module, dtype, device))
     keep_dequantized(module, keep)

@@ -29,7 +29,7 @@ from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_lo
 from model import (DRAFT_TOKENS, common_prefix_length, generate, keep_freed_memory, load_model, prefill_prefix,
                    set_fp16_weights)
 from prompts import PromptFileError, load_prompt
-from quant import keep_dequantized_if
+from quant import KEEP_MODES, keep_dequantized_if
 
 
 @dataclass
@@ -360,7 +360,7 @@ def main(argv=None):
         raise SystemExit(f"error: --method must be one of {', '.join(METHODS)}, not {cfg.method!r}")
     if cfg.pg_target not in PG_TARGETS:
         raise SystemExit(f"error: --pg-target must be one of {', '.join(PG_TARGETS)}, not {cfg.pg_target!r}")
-    if cfg.keep_dequantized not in ("auto", "on", "off"):                 # checked before any long work
+    if cfg.keep_dequantized not in KEEP_MODES:                            # checked before any long work
         raise SystemExit(f"error: --keep-dequantized must be auto, on or off, not {cfg.keep_dequantized!r}")
     if cfg.method == "sft":
         cfg.lam = 1.0

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
 from loss import lm_loss  # noqa: E402
 from model import default_dtype, embedded_model_path, keep_freed_memory, load_model  # noqa: E402
-from quant import keep_dequantized_if  # noqa: E402
+from quant import KEEP_MODES, keep_dequantized_if  # noqa: E402
 
 
 def step_time(loss_fn, params, tokens, steps, warmup):
@@ -84,7 +84,7 @@ def main():
                     help="compute dtype of ours (default: model.default_dtype for the CPU)")
     ap.add_argument("--peft-dtypes", default="fp32,bf16",
                     help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
-    ap.add_argument("--keep-dequantized", choices=("auto", "on", "off"), default="auto",
+    ap.add_argument("--keep-dequantized", choices=KEEP_MODES, default="auto",
                     help="ours: keep the dequantized NF4 weights between passes (auto: as train.py, when they fit)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
