@@ -13,6 +13,9 @@ without AMX: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F
 llama-cpp-python. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
 ratios, since the machine is shared.
 
+A bf16 load of the GGUF keeps its Q4_1 codes, and decoding steps of up to 12 rows read them with
+PyTorch's CPU 4-bit kernel (`model.Linear.keep_int4`); ours is also run with the bf16 weights only.
+
 Decode at batch 1 is also measured with prompt-lookup guesses (speculative decoding that copies from the
 context, `--draft` tokens per step, the same greedy tokens) on all three sides: ours (`generate(...,
 draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPromptLookupDecoding`).
@@ -31,8 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import (DRAFT_TOKENS, FP16_KERNELS, default_dtype, embedded_model_path, generate,  # noqa: E402
-                   load_model, set_fp16_weights)
+from model import (DRAFT_TOKENS, FP16_KERNELS, INT4_KERNELS, default_dtype, embedded_model_path,  # noqa: E402
+                   generate, load_model, set_fp16_weights, set_int4_weights)
 
 
 def once(fn):
@@ -53,9 +56,10 @@ def load_transformers(dtype):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
-def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights):
+def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights, int4=True):
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, fp16_weights)
+    set_int4_weights(model, int4)
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
         prefill = timed(lambda: model(x, last_only=True), repeats)
@@ -181,6 +185,10 @@ def main():
     if fp16:                                                         # and with the exact fp32 weights
         results["ours_fp32_weights"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype,
                                                   args.draft, False)
+    int4 = INT4_KERNELS and ours_dtype == torch.bfloat16                # the GGUF's 4-bit codes are kept
+    if int4:                                                         # and without them: bf16 weights only
+        results["ours_bf16_weights_only"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype,
+                                                       args.draft, False, int4=False)
     hf_runs = {str(dt): bench_transformers(ids, batch16, args.decode_tokens, args.repeats, dt, args.draft)
                for dt in (torch.float32, torch.bfloat16)}
     results["transformers_by_dtype"] = hf_runs
@@ -200,6 +208,9 @@ def main():
         print(f"{k:<24}{results['ours'][k]:>10.1f}{peer:>14}{ref:>12.1f}{ratio:>7.2f}x{target:>7.1f}x")
     if fp16:
         print("  ours, exact fp32 weights: " + ", ".join(f"{k}={v:.1f}" for k, v in results["ours_fp32_weights"].items()))
+    if int4:
+        print("  ours, bf16 weights only (no 4-bit codes): " +
+              ", ".join(f"{k}={v:.1f}" for k, v in results["ours_bf16_weights_only"].items()))
     for dt, r in hf_runs.items():
         print(f"  transformers {dt}: " + ", ".join(f"{k}={v:.1f}" for k, v in r.items()))
     print("  llama.cpp (Q4_1): " + (", ".join(f"{k}={v:.1f}" for k, v in llama.items()) if llama else
