@@ -286,7 +286,8 @@ class Linear(nn.Linear):
 
     def keep_int4(self, codes, scale, zero):
         """Keep 4-bit codes of this weight, weight = (codes - 8) * scale + zero, for CPU inference.
-        codes: (out, in) integers in 0..15; scale, zero: (out, in/32), one per group of 32 inputs.
+        codes: (out, in) integers in 0..15, out a multiple of 16 (the kernel's packing); scale, zero:
+        (out, in/32), one per group of 32 inputs.
         The weight itself stays; once it changes (e.g. a LoRA merge in place) the codes are not read."""
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         scale_zero = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(self.weight.dtype)  # (in/32, out, 2)
@@ -744,7 +745,7 @@ def _fill_model(args, read, names, path, dtype, device, quantize):
             setattr(module, pname, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
             codes = getattr(read, "codes", None)
             if codes and quantize is None and isinstance(module, Linear) and INT4_KERNELS and dtype == torch.bfloat16 \
-                    and device.type == "cpu" and (stored := codes(name)) is not None:
+                    and device.type == "cpu" and module.out_features % 16 == 0 and (stored := codes(name)) is not None:
                 module.keep_int4(*stored)       # the file's own 4-bit weights, for few-row products (decoding)
         if quantize == "nf4" and layer >= 0:  # 4-bit before the next block is read: peak memory ~ one block
             from quant import quantize_linears
