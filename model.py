@@ -870,7 +870,10 @@ def _open_gguf(path: Path):
             return None
         out, inp = (int(d) for d in reversed(t.shape))
         has_min = t.tensor_type == gguf.GGMLQuantizationType.Q4_1
-        blocks = np.asarray(t.data, dtype=np.uint8).reshape(out, inp // 32, 20 if has_min else 18)
+        try:
+            blocks = np.asarray(t.data, dtype=np.uint8).reshape(out, inp // 32, 20 if has_min else 18)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: tensor {t.name} ({t.tensor_type.name}) has the wrong size ({e})") from None
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)             # (out, in/32)
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else -8 * d
         nibbles = blocks[..., 4:] if has_min else blocks[..., 2:]                            # (out, in/32, 16)
