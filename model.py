@@ -703,6 +703,7 @@ def load_model(source=None, *, dtype=None, device=None, quantize=None):
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     path = Path(source) if source is not None else embedded_model_path()
+    read_codes = None                                       # a GGUF's 4-bit codes (Linear.keep_int4)
     if path.is_dir():
         args, read, names = _read_hf_config(path), *_open_safetensors(path)
         tok_file = path / "tokenizer.json"
@@ -711,18 +712,21 @@ def load_model(source=None, *, dtype=None, device=None, quantize=None):
         cfg = path / "tokenizer_config.json"
         tokenizer = Tokenizer.from_file(tok_file, cfg if cfg.is_file() else None)
     elif path.is_file() and path.suffix == ".gguf":
-        args, read, names, fields = _open_gguf(path)
+        args, read, names, fields, read_codes = _open_gguf(path)
         tokenizer = Tokenizer.from_gguf_fields(fields)
     else:
         raise CheckpointError(f"{path}: not a Hugging Face checkpoint directory or a .gguf file")
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', not {quantize!r}")
-    model = _fill_model(args, read, names, path, dtype, device, quantize)
+    model = _fill_model(args, read, names, path, dtype, device, quantize, read_codes)
     return model.eval(), tokenizer
 
 
-def _fill_model(args, read, names, path, dtype, device, quantize):
-    """Build the model on the meta device, then load each tensor (checking its shape) into place."""
+def _fill_model(args, read, names, path, dtype, device, quantize, read_codes=None):
+    """Build the model on the meta device, then load each tensor (checking its shape) into place. With
+    `read_codes` (a GGUF file), a bf16 model on a CPU also keeps the file's 4-bit codes for decoding."""
+    keep_codes = read_codes is not None and quantize is None and INT4_KERNELS and dtype == torch.bfloat16 \
+        and device.type == "cpu"
     with torch.device("meta"):
         model = Llama(args)
     needed = [n for n in dict(model.named_parameters()) if not (args.tie_embeddings and n == "lm_head.weight")]
@@ -743,9 +747,8 @@ def _fill_model(args, read, names, path, dtype, device, quantize):
                 raise CheckpointError(f"{path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                       f"but the config says {expected}")
             setattr(module, pname, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
-            codes = getattr(read, "codes", None)
-            if codes and quantize is None and isinstance(module, Linear) and INT4_KERNELS and dtype == torch.bfloat16 \
-                    and device.type == "cpu" and module.out_features % 16 == 0 and (stored := codes(name)) is not None:
+            if keep_codes and isinstance(module, Linear) and module.out_features % 16 == 0 \
+                    and (stored := read_codes(name)) is not None:
                 module.keep_int4(*stored)       # the file's own 4-bit weights, for few-row products (decoding)
         if quantize == "nf4" and layer >= 0:  # 4-bit before the next block is read: peak memory ~ one block
             from quant import quantize_linears
@@ -826,7 +829,7 @@ def _gguf_to_ours(name: str) -> str:
 
 
 def _open_gguf(path: Path):
-    """-> (args, read(name) -> fp32 tensor, names, metadata fields) of a llama GGUF file."""
+    """-> (args, read(name) -> fp32 tensor, names, metadata fields, read_codes(name)) of a llama GGUF file."""
     import gguf
     import numpy as np
     try:
@@ -880,8 +883,7 @@ def _open_gguf(path: Path):
         codes = np.concatenate((nibbles & 15, nibbles >> 4), -1).reshape(out, inp)           # (out, in)
         codes, d, m = (torch.from_numpy(np.ascontiguousarray(a)) for a in (codes, d, m))
         return unpermute(name, codes), unpermute(name, d), unpermute(name, m + 8 * d)
-    read.codes = read_codes
-    return args, read, set(tensors), fields
+    return args, read, set(tensors), fields, read_codes
 
 
 def _unpermute_rope(w, n_heads):

@@ -401,7 +401,7 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
 
 @pytest.mark.skipif(not model_module.INT4_KERNELS, reason="this PyTorch build has no CPU 4-bit kernel")
 def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
-    """A Q4_0/Q4_1 GGUF weight's codes (read.codes) rebuild gguf's own dequantization exactly, rotary
+    """A Q4_0/Q4_1 GGUF weight's codes (read_codes) rebuild gguf's own dequantization exactly, rotary
     rows unpermuted as the weights; a bf16 Linear keeping them computes up to INT4_MAX_ROWS rows with
     the 4-bit kernel (= the product with the weight rebuilt from bf16 scale and zero) and more rows, the
     gradient, or a weight changed in place with the bf16 weight exactly."""
@@ -419,10 +419,10 @@ def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
         qtype = gguf.GGMLQuantizationType[kind]
         w.add_tensor(f"blk.0.{name}.weight", x if kind == "F32" else gguf.quantize(x, qtype), raw_dtype=qtype)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    _, read, _, _ = _open_gguf(path)
-    assert read.codes("layers.0.self_attn.v_proj.weight") is None                    # not 4-bit
+    _, read, _, _, read_codes = _open_gguf(path)
+    assert read_codes("layers.0.self_attn.v_proj.weight") is None                    # not 4-bit
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
-        codes, scale, zero = read.codes(f"layers.0.{name}.weight")
+        codes, scale, zero = read_codes(f"layers.0.{name}.weight")
         weight = read(f"layers.0.{name}.weight")                                     # gguf.dequantize, unpermuted
         out, inp = weight.shape
         assert codes.shape == weight.shape and int(codes.min()) >= 0 and int(codes.max()) <= 15
