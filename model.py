@@ -250,6 +250,13 @@ def linear(x, weight, bias=None):
     return y.permute(2, 0, 1).reshape(*x.shape[:-1], out_features).contiguous()   # (..., out)
 
 
+def version_key(*tensors) -> tuple:
+    """What identifies the current contents of `tensors`: a copy derived from them (fp16 or 4-bit weights,
+    a dequantized NF4 weight) is stale once this changes. An in-place write bumps a tensor's `_version`;
+    `.to()` or a new Parameter changes its `data_ptr`."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 # fbgemm's GEMM with fp16 weights (fp32 activations and sums; the weight is widened in registers), in
 # PyTorch's x86 CPU builds. It reads half the bytes of an fp32 weight and packs it for the kernel once.
 FP16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines
@@ -278,7 +285,7 @@ class Linear(nn.Linear):
             return y if self.bias is None else y + self.bias
         stored = self.__dict__.get("_int4")
         if (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == stored[1].dtype
-                and not torch.is_grad_enabled() and stored[2] == (self.weight.data_ptr(), self.weight._version)):
+                and not torch.is_grad_enabled() and stored[2] == version_key(self.weight)):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), stored[0], 32, stored[1])
             y = y.view(*x.shape[:-1], -1)                                           # (..., out)
             return y if self.bias is None else y + self.bias
@@ -291,12 +298,12 @@ class Linear(nn.Linear):
         The weight itself stays; once it changes (e.g. a LoRA merge in place) the codes are not read."""
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         scale_zero = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(self.weight.dtype)  # (in/32, out, 2)
-        self._int4 = (packed, scale_zero, (self.weight.data_ptr(), self.weight._version))
+        self._int4 = (packed, scale_zero, version_key(self.weight))
 
     def packed_fp16(self):
         """The weight rounded to fp16 and packed for fbgemm; packed again whenever the weight changes
         (an in-place update such as a LoRA merge bumps its version; `.to()` makes a new tensor)."""
-        key = (self.weight.data_ptr(), self.weight._version)
+        key = version_key(self.weight)
         if self.__dict__.get("_fp16_key") != key:
             self._fp16_packed = torch.ops.quantized.linear_prepack_fp16(self.weight.detach(), None)
             self._fp16_key = key

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import linear
+from model import linear, version_key
 
 # The 16 NF4 values (bitsandbytes `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to
 # [-1, 1], with an exact zero. A 4-bit code is an index into this table.
@@ -215,8 +215,7 @@ class Linear4bit(nn.Module):
         while its dtype and the NF4 buffers stay the same (replacing or writing them changes the key)."""
         if not self.keep:
             return dequantize_nf4(self.state, dtype=dtype)
-        buffers = (self.packed, self.absmax_codes, self.absmax_scale, self.absmax_offset)
-        key = (dtype, *((b.data_ptr(), b._version) for b in buffers))
+        key = (dtype, version_key(self.packed, self.absmax_codes, self.absmax_scale, self.absmax_offset))
         if getattr(self, "_kept", (None,))[0] != key:
             self._kept = (key, dequantize_nf4(self.state, dtype=dtype))
         return self._kept[1]
