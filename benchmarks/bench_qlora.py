@@ -17,6 +17,7 @@ every forward and backward).
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
     python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's bf16 pair
+    python benchmarks/bench_qlora.py --peft-dtypes bf16 --floor   # and the lower bound of any LoRA step (bench_floor)
 """
 import argparse
 import statistics
@@ -57,6 +58,22 @@ def bench_ours(tokens, steps, warmup, dtype, keep):
     return step_time(lambda x: lm_loss(model, x, x), params, tokens, steps, warmup), count_trainable(model)
 
 
+def bench_floor(tokens, steps, warmup, dtype):
+    """A lower bound for any LoRA step on this model: the frozen model in `dtype` with neither NF4 nor
+    LoRA, the same loss, and the backward every LoRA step needs, through the activations of every block
+    (here from the second block's input up; no weight gets a gradient, no optimizer runs)."""
+    model, _ = load_model(dtype=dtype, device="cpu")
+    model.requires_grad_(False).train()
+    model.layers[0].register_forward_hook(lambda block, args, out: out.detach().requires_grad_())
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        lm_loss(model, tokens, tokens).backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def bench_peft(tokens, steps, warmup, dtype):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -86,6 +103,9 @@ def main():
                     help="dtypes of the transformers + peft reference, comma-separated (fp32, bf16)")
     ap.add_argument("--keep-dequantized", choices=KEEP_MODES, default="auto",
                     help="ours: keep the dequantized NF4 weights between passes (auto: as train.py, when they fit)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the lower bound of any LoRA step here: the frozen model's forward and "
+                         "backward through the activations, without NF4 or LoRA (see bench_floor)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
     args = ap.parse_args()
@@ -106,6 +126,9 @@ def main():
           f"--keep-dequantized {args.keep_dequantized}")
     ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype, args.keep_dequantized)
     print(f"  ours done: {ours:.2f} s/step")
+    floor = bench_floor(tokens, args.steps, args.warmup, dtype) if args.floor else None
+    if floor is not None:
+        print(f"  floor done: {floor:.2f} s/step")
     refs = {}
     for name in peft_dtypes:
         refs[name], (r_train, r_total) = bench_peft(tokens, args.steps, args.warmup, DTYPES[name])
@@ -118,6 +141,9 @@ def main():
         print(f"| {name:<44} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
     for name, s in refs.items():
         print(f"ours / transformers+peft {name} throughput: {s / ours:.2f}x")
+        if floor is not None:
+            print(f"  the floor (frozen {dtype_name(dtype)} model, forward + backward through the activations, "
+                  f"no NF4, no LoRA): {floor:.2f} s/step = {s / floor:.2f}x transformers+peft {name}")
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
