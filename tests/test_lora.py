@@ -100,16 +100,21 @@ def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
     attn = model.layers[0].self_attn
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
     x = torch.ones(8, q.in_features)
-    dq, dk, dv = q.dropped(x), k.dropped(x), v.dropped(x)
-    assert dq is dk is dv                                                   # one draw for the three
-    assert set(dq.unique().tolist()) == {0.0, 2.0} and 0.35 < (dq == 0).float().mean() < 0.65
-    assert not torch.equal(q.dropped(torch.ones_like(x)), dq)                # another tensor: a new draw
+    (dq, sq), (dk, sk), (dv, sv) = q.dropped(x), k.dropped(x), v.dropped(x)  # (x zeroed where dropped, scale)
+    assert dq is dk is dv and sq == sk == sv == 2.0                         # one draw for the three
+    assert set((dq * sq).unique().tolist()) == {0.0, 2.0} and 0.35 < (dq == 0).float().mean() < 0.65
+    assert not torch.equal(q.dropped(torch.ones_like(x))[0], dq)             # another tensor: a new draw
     x.mul_(1.0)                                                              # modified in place: a new draw
-    assert not torch.equal(k.dropped(x), dq)
-    model.eval()
-    assert torch.equal(q.dropped(x), x)                                      # eval: no dropout
+    assert not torch.equal(k.dropped(x)[0], dq)
     randomize_B(our_Bs(model))
     y = torch.randn(4, q.in_features)
+    for layer in (q, k, v):            # training: the update of dropout(y), its scale folded into A
+        kept, scale = layer.dropped(y)                                       # the mask the layer will reuse
+        expected = layer.base(y) + (kept * scale) @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scale
+        torch.testing.assert_close(layer(y), expected)
+    model.eval()
+    kept, scale = q.dropped(x)
+    assert torch.equal(kept, x) and scale == 1.0                             # eval: no dropout
     for layer in (q, k, v):                                                  # and the layers' outputs still
         torch.testing.assert_close(layer(y), layer.base(y) + y @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scale)
 
@@ -119,15 +124,19 @@ def test_cpu_dropout_drops_at_rate_p_and_keeps_the_mean(p):
     from lora import cpu_dropout
     torch.manual_seed(0)
     x = torch.ones(513, 1001)                                                # odd size: the last draw is cut
-    y = cpu_dropout(x, p)
+    kept, scale = cpu_dropout(x, p)                                          # dropout(x) = kept * scale
+    assert kept.dtype == x.dtype and set(kept.unique().tolist()) == {0.0, 1.0}
+    y = kept * scale
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5           # within 4 standard errors
     kept = y[y != 0]
     assert y.unique().numel() == 2 and torch.allclose(kept, torch.tensor(65536 / (65536 - round(p * 65536))))
     assert abs(y.mean().item() - 1) < 0.01
     torch.manual_seed(0)
-    assert torch.equal(cpu_dropout(x, p), y)                                 # the seed fixes the mask
-    assert not torch.equal(cpu_dropout(x, p), y)
+    assert torch.equal(cpu_dropout(x, p)[0] * scale, y)                      # the seed fixes the mask
+    assert not torch.equal(cpu_dropout(x, p)[0] * scale, y)
+    kept16, _ = cpu_dropout(x.bfloat16(), p)                                 # the mask in x's dtype
+    assert kept16.dtype == torch.bfloat16 and set(kept16.unique().tolist()) == {0.0, 1.0}
     rows = y.view(513, 1001)                                                 # no pattern along either axis
     assert rows.eq(0).float().mean(1).std() < 0.05 and rows.eq(0).float().mean(0).std() < 0.05
 
