@@ -83,7 +83,9 @@ def cpu_dropout(x, p: float):
     Xeon a bf16 x times a bf16 mask took 0.46 ms for (4, 512, 1,536), times a bool mask 1.76 ms, and the
     scale another 0.40 ms; the backward pays the same again."""
     n, drop = x.numel(), round(p * 65536)
-    words = torch.randint(-2 ** 63, 2 ** 63 - 1, (-(-n // 4),), dtype=torch.int64, device=x.device)
+    # every 64-bit pattern: one random64() per word; randint's range of 2^64 - 2 costs a 64-bit modulo
+    # per word too (786,432 words: 2.76 against 3.92 ms)
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
     uniform16 = words.view(torch.int16)[:n].view(x.shape)                 # uniform in [-32768, 32767]
     keep = (uniform16 >= drop - 32768).view(torch.uint8).to(x.dtype)      # 1 = kept, 0 = dropped
     return x * keep, 65536 / (65536 - drop)
