@@ -72,7 +72,7 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
-def cpu_dropout(x, p: float):
+def cpu_dropout_unscaled(x, p: float):
     """Dropout as (x with its dropped elements zeroed, the scale of the kept ones): dropout(x) = their
     product. The mask is cut from 16-bit random numbers, four per 64-bit draw: an element is dropped with
     probability round(p * 65536) / 65536 (0.0500030 for p = 0.05) and the rest are scaled to keep the mean.
@@ -120,9 +120,10 @@ class LoRALinear(nn.Module):
         # Xeon: 7.19 s/step with the update in fp32 and the product scaled, 6.34-6.83 s with B scaled
         # (bench_qlora.py); in bf16, 4.41 against 5.99 s (median of 4 alternating steps in one process);
         # bench_qlora.py: 4.59 and 4.38 s against transformers + peft bf16 9.29 and 9.01 s (2.03x, 2.06x).
-        # dropout's scale goes into A's (r, in) weight, not over the (..., in) input, and its mask is a 0/1
-        # tensor in x's dtype (cpu_dropout): QLoRA step of 4 x 512 tokens, bf16, 2-core Xeon, 6 alternating
-        # pairs in one process: 4.60 s (median) with the bool mask and scaled input, 4.32 s with this
+        # dropout's scale goes into A's (r, in) weight, not over the (..., in) input, and its mask is a
+        # 0/1 tensor in x's dtype (cpu_dropout_unscaled): QLoRA step of 4 x 512 tokens, bf16, 2-core
+        # Xeon, 6 alternating pairs in one process: 4.60 s (median) with the bool mask and scaled
+        # input, 4.32 s with this
         kept, keep_scale = self.dropped(x)
         h = F.linear(kept, (self.lora_A.weight * keep_scale).to(x.dtype))                     # (..., r)
         return out + F.linear(h, (self.lora_B.weight * self.scale).to(x.dtype)).to(out.dtype)  # (..., out)
@@ -140,7 +141,8 @@ class LoRALinear(nn.Module):
         memo, key = self.shared_dropout, (version, torch.is_grad_enabled())
         if memo.get("x") is not None and memo["x"]() is x and memo["key"] == key:
             return memo["out"]
-        out = cpu_dropout(x, self.dropout.p) if x.device.type == "cpu" else (self.dropout(x), 1.0)
+        on_cpu = x.device.type == "cpu"
+        out = cpu_dropout_unscaled(x, self.dropout.p) if on_cpu else (self.dropout(x), 1.0)
         memo.update(x=weakref.ref(x), key=key, out=out)
         return out
 

@@ -120,22 +120,22 @@ def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3])
-def test_cpu_dropout_drops_at_rate_p_and_keeps_the_mean(p):
-    from lora import cpu_dropout
+def test_cpu_dropout_unscaled_drops_at_rate_p_and_keeps_the_mean(p):
+    from lora import cpu_dropout_unscaled
     torch.manual_seed(0)
     x = torch.ones(513, 1001)                                                # odd size: the last draw is cut
-    kept, scale = cpu_dropout(x, p)                                          # dropout(x) = kept * scale
-    assert kept.dtype == x.dtype and set(kept.unique().tolist()) == {0.0, 1.0}
-    y = kept * scale
+    masked, scale = cpu_dropout_unscaled(x, p)                               # dropout(x) = masked * scale
+    assert masked.dtype == x.dtype and set(masked.unique().tolist()) == {0.0, 1.0}
+    y = masked * scale
     dropped = (y == 0).float().mean().item()
     assert abs(dropped - p) < 4 * (p * (1 - p) / x.numel()) ** 0.5           # within 4 standard errors
     kept = y[y != 0]
     assert y.unique().numel() == 2 and torch.allclose(kept, torch.tensor(65536 / (65536 - round(p * 65536))))
     assert abs(y.mean().item() - 1) < 0.01
     torch.manual_seed(0)
-    assert torch.equal(cpu_dropout(x, p)[0] * scale, y)                      # the seed fixes the mask
-    assert not torch.equal(cpu_dropout(x, p)[0] * scale, y)
-    kept16, _ = cpu_dropout(x.bfloat16(), p)                                 # the mask in x's dtype
+    assert torch.equal(cpu_dropout_unscaled(x, p)[0] * scale, y)             # the seed fixes the mask
+    assert not torch.equal(cpu_dropout_unscaled(x, p)[0] * scale, y)
+    kept16, _ = cpu_dropout_unscaled(x.bfloat16(), p)                        # the mask in x's dtype
     assert kept16.dtype == torch.bfloat16 and set(kept16.unique().tolist()) == {0.0, 1.0}
     rows = y.view(513, 1001)                                                 # no pattern along either axis
     assert rows.eq(0).float().mean(1).std() < 0.05 and rows.eq(0).float().mean(0).std() < 0.05
