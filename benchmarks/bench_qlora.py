@@ -17,7 +17,8 @@ every forward and backward).
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
     python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's bf16 pair
-    python benchmarks/bench_qlora.py --peft-dtypes bf16 --floor   # and the lower bound of any LoRA step (bench_floor)
+    python benchmarks/bench_qlora.py --peft-dtypes bf16 --floor   # and the lower bound of any LoRA step (floor_step)
+    python benchmarks/bench_qlora.py --peft-dtypes bf16 --interleave 6   # alternating steps, 6 ratios
 """
 import argparse
 import statistics
@@ -35,46 +36,48 @@ from model import default_dtype, embedded_model_path, keep_freed_memory, load_mo
 from quant import KEEP_MODES, keep_dequantized_if  # noqa: E402
 
 
-def step_time(loss_fn, params, tokens, steps, warmup):
-    """Median seconds of forward + loss + backward + AdamW step, after `warmup` untimed steps."""
-    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
-    times = []
-    for i in range(warmup + steps):
+def training_step(loss_fn, params):
+    """A function tokens -> seconds of forward + loss + backward + AdamW step (lr 1e-4) on `params`;
+    with no params, forward + loss + backward only."""
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0) if params else None
+
+    def step(tokens):
         t = time.perf_counter()
         loss_fn(tokens).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+    return step
 
 
-def bench_ours(tokens, steps, warmup, dtype, keep):
+def median_time(step, tokens, steps, warmup):
+    """Median seconds of `steps` steps after `warmup` untimed ones."""
+    return statistics.median([step(tokens) for _ in range(warmup + steps)][warmup:])
+
+
+def ours_step(dtype, keep):
+    """Our QLoRA training step, and (trainable, total) parameters."""
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
     keep_dequantized_if(model, keep, dtype, "cpu")                                # as train.py
     add_lora(model, LoRAConfig()).train()
     params = [p for p in model.parameters() if p.requires_grad]
     # the loss train.py uses: the LM head only over trained positions, chunked (loss.lm_loss)
-    return step_time(lambda x: lm_loss(model, x, x), params, tokens, steps, warmup), count_trainable(model)
+    return training_step(lambda x: lm_loss(model, x, x), params), count_trainable(model)
 
 
-def bench_floor(tokens, steps, warmup, dtype):
+def floor_step(dtype):
     """A lower bound for any LoRA step on this model: the frozen model in `dtype` with neither NF4 nor
     LoRA, the same loss, and the backward every LoRA step needs, through the activations of every block
     (here from the second block's input up; no weight gets a gradient, no optimizer runs)."""
     model, _ = load_model(dtype=dtype, device="cpu")
     model.requires_grad_(False).train()
     model.layers[0].register_forward_hook(lambda block, args, out: out.detach().requires_grad_())
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        lm_loss(model, tokens, tokens).backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return training_step(lambda x: lm_loss(model, x, x), [])
 
 
-def bench_peft(tokens, steps, warmup, dtype):
+def peft_step(dtype):
+    """transformers + PEFT LoRA (same config, dense base) training step, and (trainable, total)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     path = embedded_model_path()
@@ -87,7 +90,28 @@ def bench_peft(tokens, steps, warmup, dtype):
     def loss_fn(x):
         logits = pm(input_ids=x).logits                                            # (B, T, vocab)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-    return step_time(loss_fn, params, tokens, steps, warmup), (trainable, total)
+    return training_step(loss_fn, params), (trainable, total)
+
+
+def interleaved(tokens, rounds, dtype, keep, peft_dtype):
+    """Ours and transformers + peft in one process, one step each in turn (the order flips every round,
+    after a warm-up step each): on a shared machine the load drifts between two separate measurements,
+    less within a pair. Prints each round's ratio and the median."""
+    ours, _ = ours_step(dtype, keep)
+    theirs, _ = peft_step(DTYPES[peft_dtype])
+    ours(tokens), theirs(tokens)
+    ratios = []
+    for r in range(rounds):
+        if r % 2 == 0:
+            a = ours(tokens)
+            b = theirs(tokens)
+        else:
+            b = theirs(tokens)
+            a = ours(tokens)
+        ratios.append(b / a)
+        print(f"round {r + 1}: ours {a:.2f} s, transformers + peft {peft_dtype} {b:.2f} s, ratio {b / a:.2f}x",
+              flush=True)
+    print(f"median ratio over {rounds} rounds: {statistics.median(ratios):.2f}x")
 
 
 def main():
@@ -105,7 +129,10 @@ def main():
                     help="ours: keep the dequantized NF4 weights between passes (auto: as train.py, when they fit)")
     ap.add_argument("--floor", action="store_true",
                     help="also time the lower bound of any LoRA step here: the frozen model's forward and "
-                         "backward through the activations, without NF4 or LoRA (see bench_floor)")
+                         "backward through the activations, without NF4 or LoRA (see floor_step)")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="only N rounds of one step of ours and one of transformers + peft (the last of "
+                         "--peft-dtypes) in one process, and their ratios")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
     args = ap.parse_args()
@@ -124,14 +151,18 @@ def main():
           f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up, "
           f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both, "
           f"--keep-dequantized {args.keep_dequantized}")
-    ours, (o_train, o_total) = bench_ours(tokens, args.steps, args.warmup, dtype, args.keep_dequantized)
+    if args.interleave:
+        return interleaved(tokens, args.interleave, dtype, args.keep_dequantized, peft_dtypes[-1])
+    step, (o_train, o_total) = ours_step(dtype, args.keep_dequantized)
+    ours = median_time(step, tokens, args.steps, args.warmup)
     print(f"  ours done: {ours:.2f} s/step")
-    floor = bench_floor(tokens, args.steps, args.warmup, dtype) if args.floor else None
+    floor = median_time(floor_step(dtype), tokens, args.steps, args.warmup) if args.floor else None
     if floor is not None:
         print(f"  floor done: {floor:.2f} s/step")
     refs = {}
     for name in peft_dtypes:
-        refs[name], (r_train, r_total) = bench_peft(tokens, args.steps, args.warmup, DTYPES[name])
+        step, (r_train, r_total) = peft_step(DTYPES[name])
+        refs[name] = median_time(step, tokens, args.steps, args.warmup)
         print(f"  transformers + peft ({name}) done: {refs[name]:.2f} s/step")
     print(f"\n| {'implementation':<44} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
