@@ -147,8 +147,10 @@ def main():
     torch.manual_seed(0)
     tokens = torch.randint(0, 49152, (args.batch, args.seq_len))                   # (B, T) SmolLM2 vocab
     n = tokens.numel()
+    timing = (f"{args.interleave} alternating rounds" if args.interleave else
+              f"median of {args.steps} steps after {args.warmup} warm-up")
     print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
-          f"compute {dtype}, {args.threads} threads, median of {args.steps} steps after {args.warmup} warm-up, "
+          f"compute {dtype}, {args.threads} threads, {timing}, "
           f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both, "
           f"--keep-dequantized {args.keep_dequantized}")
     if args.interleave:
