@@ -17,14 +17,17 @@ fp32 gradients.
     model, tok = load_model(quantize="nf4")
     add_lora(model, LoRAConfig())               # freezes the base, trains only A and B
     with adapter_disabled(model): ...           # the teacher
+    compile_for_training(model)                 # optional: each block's training forward + backward compiled
     save_adapter(model, "runs/os/adapter", LoRAConfig())
 """
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -72,23 +75,29 @@ class LoRAConfig:
         return self.alpha / self.r
 
 
-def cpu_dropout_unscaled(x, p: float):
-    """Dropout as (x with its dropped elements zeroed, the scale of the kept ones): dropout(x) = their
-    product. The mask is cut from 16-bit random numbers, four per 64-bit draw: an element is dropped with
-    probability round(p * 65536) / 65536 (0.0500030 for p = 0.05) and the rest are scaled to keep the mean.
+def cpu_keep_mask(shape, p: float, device="cpu"):
+    """Dropout's keep mask (bool, True = kept) and the scale of the kept elements. The mask is cut from
+    16-bit random numbers, four per 64-bit draw: an element is dropped with probability
+    round(p * 65536) / 65536 (0.0500030 for p = 0.05) and the rest are scaled to keep the mean.
     nn.Dropout draws one random number per element, ~4 ns each on a CPU (mt19937); this draws a quarter
     as many: 10 ms instead of 32 ms for a 2,046 x 1,536 input on 2 threads (a demo training sample of
-    2,464 tokens: 19.6 -> 18.4 s, with the kv-head repeat in model.py). The scale is left to the
-    caller (LoRA folds it into A, an (r, in) weight), and the mask is 0/1 in x's dtype: on the 2-core
-    Xeon a bf16 x times a bf16 mask took 0.46 ms for (4, 512, 1,536), times a bool mask 1.76 ms, and the
-    scale another 0.40 ms; the backward pays the same again."""
-    n, drop = x.numel(), round(p * 65536)
+    2,464 tokens: 19.6 -> 18.4 s, with the kv-head repeat in model.py)."""
+    n, drop = math.prod(shape), round(p * 65536)
     # every 64-bit pattern: one random64() per word; randint's range of 2^64 - 2 costs a 64-bit modulo
     # per word too (786,432 words: 2.76 against 3.92 ms)
-    words = torch.empty(-(-n // 4), dtype=torch.int64, device=x.device).random_(-2 ** 63, None)
-    uniform16 = words.view(torch.int16)[:n].view(x.shape)                 # uniform in [-32768, 32767]
-    keep = (uniform16 >= drop - 32768).view(torch.uint8).to(x.dtype)      # 1 = kept, 0 = dropped
-    return x * keep, 65536 / (65536 - drop)
+    words = torch.empty(-(-n // 4), dtype=torch.int64, device=device).random_(-2 ** 63, None)
+    uniform16 = words.view(torch.int16)[:n].view(shape)                   # uniform in [-32768, 32767]
+    return uniform16 >= drop - 32768, 65536 / (65536 - drop)
+
+
+def cpu_dropout_unscaled(x, p: float):
+    """Dropout as (x with its dropped elements zeroed, the scale of the kept ones): dropout(x) = their
+    product, with `cpu_keep_mask`. The scale is left to the caller (LoRA folds it into A, an (r, in)
+    weight), and the mask is 0/1 in x's dtype: on the 2-core Xeon a bf16 x times a bf16 mask took 0.46 ms
+    for (4, 512, 1,536), times a bool mask 1.76 ms, and the scale another 0.40 ms; the backward pays the
+    same again."""
+    keep, scale = cpu_keep_mask(x.shape, p, x.device)
+    return x * keep.view(torch.uint8).to(x.dtype), scale                  # 1 = kept, 0 = dropped
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -138,6 +147,9 @@ class LoRALinear(nn.Module):
         (random numbers cost ~4 ns each there)."""
         if not self.training or self.dropout.p == 0:
             return x, 1.0
+        if torch.compiler.is_compiling():         # in a block of compile_for_training, which drew the mask
+            keep, scale = self.compiled_keep
+            return x * keep.to(x.dtype), scale
         version = None if x.is_inference() else x._version                     # inference tensors have none
         memo, key = self.shared_dropout, (version, torch.is_grad_enabled())
         if memo.get("x") is not None and memo["x"]() is x and memo["key"] == key:
@@ -171,6 +183,69 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.lora_A.out_features}, scale={self.scale:g}"
+
+
+# ----------------------------------------------------------------------------- compiled training blocks
+# Which input each adapted linear reads: q, k and v share one dropout mask, gate and up another.
+DROPOUT_INPUT = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "o_proj": 1, "gate_proj": 2, "up_proj": 2, "down_proj": 3}
+
+
+def compile_for_training(model, dynamic=None) -> int:
+    """torch.compile every block's forward for training (grad enabled, train mode, no KV cache); other
+    calls, as generation, stay eager. Inductor fuses each block's element-wise work (RMSNorm, rotary,
+    SiLU, residual adds, the LoRA updates and the dropout masks) into a few kernels, forward and
+    backward. The 30 blocks of SmolLM2 share one compiled graph (~6 s to compile on 2 cores). NF4
+    weights must be kept dequantized (`quant.keep_dequantized`): inside the graph a layer reads its
+    kept copy. Random numbers stay outside the graph (inductor's own CPU random numbers were slower than
+    the rest of the block's element-wise work together): before each block runs, its dropout masks are
+    drawn with `cpu_keep_mask` in the order the eager forward draws them, so on a CPU a seed gives the
+    same masks either way. Returns the number of blocks compiled."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if any(not m.keep for m in layers):
+        raise ValueError("compile_for_training needs the NF4 weights kept dequantized (quant.keep_dequantized, "
+                         "train.py --keep-dequantized on); without it, train uncompiled")
+    for block in model.layers:
+        block.forward = _compiled_training_forward(block, torch.compile(block.forward, dynamic=dynamic))
+    return len(model.layers)
+
+
+def _compiled_training_forward(block, compiled):
+    eager = block.forward
+    inputs = {}                                       # dropout input -> the LoRA layers reading it
+    for path, m in block.named_modules():
+        if isinstance(m, LoRALinear):
+            inputs.setdefault(DROPOUT_INPUT[path.rsplit(".", 1)[-1]], []).append(m)
+    readers = [inputs[k] for k in sorted(inputs)]
+
+    def forward(x, cos, sin, mask, cache):            # x: (B, T, dim)
+        if cache is not None or not (block.training and torch.is_grad_enabled()):
+            return eager(x, cos, sin, mask, cache)
+        for layers in readers:                        # this step's masks, in the eager forward's order
+            first = layers[0]
+            if isinstance(first.base, Linear4bit):
+                for m in layers:
+                    m.base.weight_as(x.dtype)         # the kept copy the graph reads, current
+            if first.training and first.dropout.p > 0 and first.enabled and not first.merged:
+                shape, p = (*x.shape[:-1], first.in_features), first.dropout.p
+                keep = (cpu_keep_mask(shape, p, x.device) if x.device.type == "cpu" else
+                        (torch.rand(shape, device=x.device) >= p, 1 / (1 - p)))
+                for m in layers:
+                    m.compiled_keep = keep
+        out = compiled(x, cos, sin, mask, cache)
+        for layers in readers:                        # autograd holds what the backward needs
+            for m in layers:
+                m.__dict__.pop("compiled_keep", None)
+        return out
+    return forward
+
+
+def compile_unavailable(device) -> str | None:
+    """Why torch.compile cannot build kernels for `device` here (None if it can): inductor compiles
+    C++ for a CPU ($CXX, default g++, as torch._inductor.config.cpp.cxx) and Triton for a GPU."""
+    if torch.device(device).type == "cpu":
+        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
+        return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) for inductor's CPU kernels"
+    return None if importlib.util.find_spec("triton") else "no triton for inductor's GPU kernels"
 
 
 # ----------------------------------------------------------------------------- whole-model operations

@@ -222,6 +222,8 @@ class Linear4bit(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if torch.compiler.is_compiling() and self.keep:     # lora.compile_for_training keeps it current
+            return F.linear(x, self._kept[1], bias)          # autograd keeps this copy, not a new one
         if torch.is_grad_enabled() and x.requires_grad:
             return _NF4Linear.apply(x, self, bias)
         return linear(x, self.weight_as(x.dtype), bias)    # F.linear, split over the threads for a few rows

@@ -270,6 +270,50 @@ def test_qlora_over_nf4_trains_only_lora(tmp_path):
     load_adapter(dense, tmp_path / "adapter")
 
 
+@pytest.mark.slow                                                            # inductor: ~25 s cold, ~4 s cached
+def test_compiled_training_blocks_equal_the_eager_ones_with_the_same_dropout(tmp_path):
+    """compile_for_training: with one seed (so the same dropout masks), the compiled blocks give the eager
+    loss and LoRA gradients, over an NF4 base with kept weights, at two sequence lengths; without the
+    seed the masks differ; inference (no grad, a KV cache) stays eager; unkept NF4 weights are refused."""
+    from loss import lm_loss
+    from lora import compile_for_training
+    from model import generate
+    from quant import keep_dequantized
+    save_tiny_llama(tmp_path)
+    model, _ = load_model(tmp_path, dtype=torch.float32, device="cpu", quantize="nf4")
+    add_lora(model, LoRAConfig(dropout=0.3)).train()
+    with pytest.raises(ValueError, match="kept dequantized"):
+        compile_for_training(model)
+    keep_dequantized(model)
+    randomize_B(our_Bs(model))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_and_grads(x, seed):
+        torch.manual_seed(seed)
+        loss = lm_loss(model, x, x)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in params.items()}
+        model.zero_grad(set_to_none=True)
+        return loss.detach(), grads
+    xs = [tokens(model.args.vocab_size, T=24), tokens(model.args.vocab_size, T=17, seed=2)]
+    eager = [loss_and_grads(x, 0) for x in xs]
+    model.eval()
+    prompt = xs[0][0, :8].tolist()
+    before = generate(model, [prompt], 6)
+    model.train()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert compile_for_training(model, dynamic=True) == model.args.n_layers
+    for x, (loss, grads) in zip(xs, eager):
+        c_loss, c_grads = loss_and_grads(x, 0)
+        torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-6)
+        for n in grads:
+            torch.testing.assert_close(c_grads[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs   # the blocks did run compiled
+    assert not torch.allclose(loss_and_grads(xs[1], 1)[0], eager[1][0])       # another seed: other masks
+    model.eval()
+    assert generate(model, [prompt], 6) == before                            # inference: the eager blocks
+
+
 # ----------------------------------------------------------------------------- bad inputs, atomic save
 @pytest.fixture
 def saved(tmp_path):
