@@ -24,12 +24,13 @@ import torch
 from tqdm import tqdm
 
 import synth
-from lora import LoRAConfig, adapter_disabled, add_lora, count_trainable, load_adapter, lora_layers, save_adapter
+from lora import (LoRAConfig, adapter_disabled, add_lora, compile_for_training, compile_unavailable, count_trainable,
+                  load_adapter, lora_layers, save_adapter)
 from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_loss, lm_loss, token_ce
 from model import (DRAFT_TOKENS, common_prefix_length, generate, keep_freed_memory, load_model, prefill_prefix,
                    set_fp16_weights)
 from prompts import PromptFileError, load_prompt
-from quant import KEEP_MODES, keep_dequantized_if
+from quant import KEEP_MODES, Linear4bit, keep_dequantized_if
 
 
 @dataclass
@@ -63,6 +64,9 @@ class TrainConfig:
     quantize: str = "nf4"                  # "nf4" (QLoRA) or "none"
     keep_dequantized: str = "auto"         # NF4: dequantize each weight once and keep it ("on"), or in every
                                            # pass ("off"); "auto": on when that takes <= 1/8 of the device memory
+    compile: bool = True                   # torch.compile the blocks for training (lora.compile_for_training):
+                                           # ~25% faster steps after ~10 s of compiling; needs the NF4 weights
+                                           # kept and a C++ compiler (CPU) or triton (GPU), else trains eager
     seed: int = 0                          # seeds synthesis, data order, dropout
     resume: bool = False                   # continue from RUNS/NAME/checkpoint (after Ctrl-C or a crash)
     max_steps: int = 0                     # stop after this many optimizer steps (0 = all epochs)
@@ -94,16 +98,16 @@ def parse_args(argv=None) -> TrainConfig:
     comments = field_comments(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        text = f"{comments.get(f.name, '')} (default: {f.default})".strip()
-        if f.type is bool:
-            ap.add_argument(flag, action="store_true", help=text)
+        text = f"{comments.get(f.name, '')} (default: {f.default})".strip().replace("%", "%%")
+        if f.type is bool:                                                  # --flag / --no-flag
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             kind = f.type if f.type in (int, float) else str
             ap.add_argument(flag, type=kind, default=None, help=text)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="the paper's settings (appendix C.4)")
     a = vars(ap.parse_args(argv))
     preset = PRESETS.get(a.pop("preset") or "", {})
-    given = {k: v for k, v in a.items() if v is not None and v is not False}
+    given = {k: v for k, v in a.items() if v is not None}
     return TrainConfig(**{**preset, **given})
 
 
@@ -398,6 +402,15 @@ def main(argv=None):
     lora_cfg = LoRAConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     torch.manual_seed(cfg.seed)                               # the same adapter init in every process
     add_lora(model, lora_cfg)
+    if cfg.compile:
+        why_not = compile_unavailable(device)
+        if why_not is None and any(isinstance(m, Linear4bit) and not m.keep for m in model.modules()):
+            why_not = "the NF4 weights are not kept dequantized (--keep-dequantized off, or auto and they do not fit)"
+        if why_not:
+            log(f"training uncompiled: {why_not}")
+        else:
+            n = compile_for_training(model, dynamic=True)          # sample lengths vary: one graph for all
+            log(f"training: {n} blocks compiled by torch.compile (the first steps compile them; --no-compile: eager)")
     trainable, total = count_trainable(model)
     log(f"LoRA r={cfg.r}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     sft, pg, teacher, report = build_samples(tok, train_records, prompt, cfg.method, cfg.pg_target,

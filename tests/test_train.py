@@ -88,6 +88,16 @@ def test_bad_input_fails_before_loading_anything(tmp_path, capsys):
         train.main(["--prompt", str(tmp_path / "missing.txt")])
 
 
+def test_boolean_flags_turn_on_and_off_and_compile_falls_back_to_eager_without_a_compiler(monkeypatch):
+    from lora import compile_unavailable
+    assert train.parse_args([]).compile and not train.parse_args(["--no-compile"]).compile
+    assert train.parse_args(["--resume"]).resume and not train.parse_args([]).resume
+    assert not train.parse_args(["--preset", "paper", "--no-compile"]).compile
+    assert compile_unavailable("cpu") is None                               # this machine has g++
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    assert "no-such-compiler++" in compile_unavailable("cpu")
+
+
 def test_empty_data_file_is_refused(tiny_dir, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     prompt = tmp_path / "p.txt"
@@ -106,6 +116,7 @@ def test_main_trains_on_the_n_and_checks_the_held_out_inputs(tiny_dir, tmp_path,
                 "--n-samples", "6", "--held-out", "2", "--epochs", "1", "--quantize", "none", "--max-len", "1024"])
     printed = capsys.readouterr().out
     assert "6 training records, 2 held out" in printed
+    assert "blocks compiled by torch.compile" in printed                      # the default (--compile)
     for r in records()[6:]:                                                  # the printout shows each held-out input
         assert repr(PROMPT.user_message(r["input"]))[:60] in printed
     assert set(json.loads((tmp_path / "p" / "before_after.json").read_text())) == {
@@ -120,7 +131,7 @@ def test_torchrun_two_processes_equal_one_process(tiny_dir, tmp_path):
     prompt.write_text(PROMPT.text + "\n")
     common = ["--prompt", str(prompt), "--model", str(tiny_dir), "--data", str(data), "--runs", str(tmp_path),
               "--held-out", "0", "--epochs", "2", "--micro-batch", "1", "--dropout", "0", "--quantize", "none",
-              "--max-len", "1024", "--lr", "1e-3"]
+              "--max-len", "1024", "--lr", "1e-3", "--no-compile"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     one = subprocess.run([sys.executable, "train.py", *common, "--name", "one", "--batch-size", "4"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
