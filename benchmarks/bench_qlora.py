@@ -13,12 +13,14 @@ without native bf16, fp32 is each side's faster dtype, so run both pairs. After 
 does (glibc keeps freed memory instead of mapping large blocks afresh), unless --glibc-defaults: it is
 process-wide, so the two sides always share the setting. Ours keeps its dequantized weights between
 steps when they fit, as train.py does (`quant.keep_dequantized`; --keep-dequantized off dequantizes in
-every forward and backward).
+every forward and backward), and its blocks are compiled for training, as train.py does
+(`lora.compile_for_training`, in the warm-up step; --no-compile runs them eager).
 
     python benchmarks/bench_qlora.py [--steps 3] [--batch 4] [--seq-len 512] [--threads 2]
     python benchmarks/bench_qlora.py --dtype bf16 --peft-dtypes bf16 --steps 1 --warmup 0   # the issue's bf16 pair
     python benchmarks/bench_qlora.py --peft-dtypes bf16 --floor   # and the lower bound of any LoRA step (floor_step)
     python benchmarks/bench_qlora.py --peft-dtypes bf16 --interleave 6   # alternating steps, 6 ratios
+    python benchmarks/bench_qlora.py --peft-dtypes bf16 --no-compile     # ours eager (train.py --no-compile)
 """
 import argparse
 import statistics
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lora import LoRAConfig, add_lora, count_trainable  # noqa: E402
+from lora import LoRAConfig, add_lora, compile_for_training, count_trainable  # noqa: E402
 from loss import lm_loss  # noqa: E402
 from model import default_dtype, embedded_model_path, keep_freed_memory, load_model  # noqa: E402
 from quant import KEEP_MODES, keep_dequantized_if  # noqa: E402
@@ -56,11 +58,14 @@ def median_time(step, tokens, steps, warmup):
     return statistics.median([step(tokens) for _ in range(warmup + steps)][warmup:])
 
 
-def ours_step(dtype, keep):
-    """Our QLoRA training step, and (trainable, total) parameters."""
+def ours_step(dtype, keep, compiled=False):
+    """Our QLoRA training step, and (trainable, total) parameters; `compiled`: with the blocks compiled
+    (lora.compile_for_training, as train.py --compile; the warm-up step compiles)."""
     model, _ = load_model(dtype=dtype, device="cpu", quantize="nf4")
     keep_dequantized_if(model, keep, dtype, "cpu")                                # as train.py
     add_lora(model, LoRAConfig()).train()
+    if compiled:
+        compile_for_training(model)
     params = [p for p in model.parameters() if p.requires_grad]
     # the loss train.py uses: the LM head only over trained positions, chunked (loss.lm_loss)
     return training_step(lambda x: lm_loss(model, x, x), params), count_trainable(model)
@@ -93,11 +98,11 @@ def peft_step(dtype):
     return training_step(loss_fn, params), (trainable, total)
 
 
-def interleaved(tokens, rounds, dtype, keep, peft_dtype):
+def interleaved(tokens, rounds, dtype, keep, peft_dtype, compiled):
     """Ours and transformers + peft in one process, one step each in turn (the order flips every round,
     after a warm-up step each): on a shared machine the load drifts between two separate measurements,
     less within a pair. Prints each round's ratio and the median."""
-    ours, _ = ours_step(dtype, keep)
+    ours, _ = ours_step(dtype, keep, compiled)
     theirs, _ = peft_step(DTYPES[peft_dtype])
     ours(tokens), theirs(tokens)
     ratios = []
@@ -133,6 +138,9 @@ def main():
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="only N rounds of one step of ours and one of transformers + peft (the last of "
                          "--peft-dtypes) in one process, and their ratios")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours: the blocks compiled by torch.compile in the warm-up step, as train.py does by default "
+                         "(--no-compile: eager)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
     args = ap.parse_args()
@@ -152,10 +160,10 @@ def main():
     print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
           f"compute {dtype}, {args.threads} threads, {timing}, "
           f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both, "
-          f"--keep-dequantized {args.keep_dequantized}")
+          f"--keep-dequantized {args.keep_dequantized}{', ours compiled' if args.compile else ''}")
     if args.interleave:
-        return interleaved(tokens, args.interleave, dtype, args.keep_dequantized, peft_dtypes[-1])
-    step, (o_train, o_total) = ours_step(dtype, args.keep_dequantized)
+        return interleaved(tokens, args.interleave, dtype, args.keep_dequantized, peft_dtypes[-1], args.compile)
+    step, (o_train, o_total) = ours_step(dtype, args.keep_dequantized, args.compile)
     ours = median_time(step, tokens, args.steps, args.warmup)
     print(f"  ours done: {ours:.2f} s/step")
     floor = median_time(floor_step(dtype), tokens, args.steps, args.warmup) if args.floor else None
@@ -168,7 +176,8 @@ def main():
         print(f"  transformers + peft ({name}) done: {refs[name]:.2f} s/step")
     print(f"\n| {'implementation':<44} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
-    rows = [(f"ours: NF4 base + LoRA (QLoRA), {dtype_name(dtype)}", ours, o_train, o_total)]
+    rows = [(f"ours: NF4 base + LoRA (QLoRA), {dtype_name(dtype)}{', compiled' if args.compile else ''}", ours, o_train,
+             o_total)]
     rows += [(f"transformers + peft: LoRA, dense base, {name}", s, r_train, r_total) for name, s in refs.items()]
     for name, s, tr, tot in rows:
         print(f"| {name:<44} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
