@@ -21,6 +21,7 @@ every forward and backward), and its blocks are compiled for training, as train.
     python benchmarks/bench_qlora.py --peft-dtypes bf16 --floor   # and the lower bound of any LoRA step (floor_step)
     python benchmarks/bench_qlora.py --peft-dtypes bf16 --interleave 6   # alternating steps, 6 ratios
     python benchmarks/bench_qlora.py --peft-dtypes bf16 --no-compile     # ours eager (train.py --no-compile)
+    python benchmarks/bench_qlora.py --peft-dtypes bf16 --interleave 4 --peft-compile   # both compiled
 """
 import argparse
 import statistics
@@ -81,8 +82,9 @@ def floor_step(dtype):
     return training_step(lambda x: lm_loss(model, x, x), [])
 
 
-def peft_step(dtype):
-    """transformers + PEFT LoRA (same config, dense base) training step, and (trainable, total)."""
+def peft_step(dtype, compiled=False):
+    """transformers + PEFT LoRA (same config, dense base) training step, and (trainable, total);
+    `compiled`: the PEFT model through torch.compile (its first step compiles: ~190 s on 2 Xeon cores)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     path = embedded_model_path()
@@ -92,18 +94,19 @@ def peft_step(dtype):
                                        target_modules=list(cfg.targets), task_type="CAUSAL_LM")).train()
     params = [p for p in pm.parameters() if p.requires_grad]
     trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in pm.parameters())
+    forward = torch.compile(pm) if compiled else pm
     def loss_fn(x):
-        logits = pm(input_ids=x).logits                                            # (B, T, vocab)
+        logits = forward(input_ids=x).logits                                       # (B, T, vocab)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
     return training_step(loss_fn, params), (trainable, total)
 
 
-def interleaved(tokens, rounds, dtype, keep, peft_dtype, compiled):
+def interleaved(tokens, rounds, dtype, keep, peft_dtype, compiled, peft_compiled):
     """Ours and transformers + peft in one process, one step each in turn (the order flips every round,
     after a warm-up step each): on a shared machine the load drifts between two separate measurements,
     less within a pair. Prints each round's ratio and the median."""
     ours, _ = ours_step(dtype, keep, compiled)
-    theirs, _ = peft_step(DTYPES[peft_dtype])
+    theirs, _ = peft_step(DTYPES[peft_dtype], peft_compiled)
     ours(tokens), theirs(tokens)
     ratios = []
     for r in range(rounds):
@@ -141,6 +144,8 @@ def main():
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                     help="ours: the blocks compiled by torch.compile in the warm-up step, as train.py does by default "
                          "(--no-compile: eager)")
+    ap.add_argument("--peft-compile", action="store_true",
+                    help="transformers + peft through torch.compile too (compiled in its warm-up step, ~190 s here)")
     ap.add_argument("--glibc-defaults", action="store_true",
                     help="leave glibc's malloc settings alone (default: model.keep_freed_memory, as train.py)")
     args = ap.parse_args()
@@ -160,9 +165,11 @@ def main():
     print(f"QLoRA step: batch {args.batch} x {args.seq_len} tokens, LoRA r=16 on all block linears, "
           f"compute {dtype}, {args.threads} threads, {timing}, "
           f"{'glibc malloc defaults' if args.glibc_defaults else 'model.keep_freed_memory'} for both, "
-          f"--keep-dequantized {args.keep_dequantized}{', ours compiled' if args.compile else ''}")
+          f"--keep-dequantized {args.keep_dequantized}{', ours compiled' if args.compile else ''}"
+          f"{', transformers + peft compiled' if args.peft_compile else ''}")
     if args.interleave:
-        return interleaved(tokens, args.interleave, dtype, args.keep_dequantized, peft_dtypes[-1], args.compile)
+        return interleaved(tokens, args.interleave, dtype, args.keep_dequantized, peft_dtypes[-1], args.compile,
+                           args.peft_compile)
     step, (o_train, o_total) = ours_step(dtype, args.keep_dequantized, args.compile)
     ours = median_time(step, tokens, args.steps, args.warmup)
     print(f"  ours done: {ours:.2f} s/step")
@@ -171,16 +178,17 @@ def main():
         print(f"  floor done: {floor:.2f} s/step")
     refs = {}
     for name in peft_dtypes:
-        step, (r_train, r_total) = peft_step(DTYPES[name])
+        step, (r_train, r_total) = peft_step(DTYPES[name], args.peft_compile)
         refs[name] = median_time(step, tokens, args.steps, args.warmup)
         print(f"  transformers + peft ({name}) done: {refs[name]:.2f} s/step")
-    print(f"\n| {'implementation':<44} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
-    print(f"|{'-' * 46}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
+    print(f"\n| {'implementation':<54} | {'s/step':>7} | {'tokens/s':>8} | {'LoRA params':>11} | {'of total':>8} |")
+    print(f"|{'-' * 56}|{'-' * 9}|{'-' * 10}|{'-' * 13}|{'-' * 10}|")
     rows = [(f"ours: NF4 base + LoRA (QLoRA), {dtype_name(dtype)}{', compiled' if args.compile else ''}", ours, o_train,
              o_total)]
-    rows += [(f"transformers + peft: LoRA, dense base, {name}", s, r_train, r_total) for name, s in refs.items()]
+    peft_name = "transformers + peft: LoRA, dense base" + (", compiled" if args.peft_compile else "")
+    rows += [(f"{peft_name}, {name}", s, r_train, r_total) for name, s in refs.items()]
     for name, s, tr, tot in rows:
-        print(f"| {name:<44} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
+        print(f"| {name:<54} | {s:>7.2f} | {n / s:>8.0f} | {tr:>11,} | {100 * tr / tot:>7.2f}% |")
     for name, s in refs.items():
         print(f"ours / transformers+peft {name} throughput: {s / ours:.2f}x")
         if floor is not None:
