@@ -216,15 +216,15 @@ def _compiled_training_forward(block, compiled):
         if isinstance(m, LoRALinear):
             inputs.setdefault(DROPOUT_INPUT[path.rsplit(".", 1)[-1]], []).append(m)
     readers = [inputs[k] for k in sorted(inputs)]
+    nf4 = [m for m in block.modules() if isinstance(m, Linear4bit)]
 
     def forward(x, cos, sin, mask, cache):            # x: (B, T, dim)
         if cache is not None or not (block.training and torch.is_grad_enabled()):
             return eager(x, cos, sin, mask, cache)
+        for m in nf4:
+            m.weight_as(x.dtype)                      # the kept copy the graph reads, current
         for layers in readers:                        # this step's masks, in the eager forward's order
             first = layers[0]
-            if isinstance(first.base, Linear4bit):
-                for m in layers:
-                    m.base.weight_as(x.dtype)         # the kept copy the graph reads, current
             if first.training and first.dropout.p > 0 and first.enabled and not first.merged:
                 shape, p = (*x.shape[:-1], first.in_features), first.dropout.p
                 keep = (cpu_keep_mask(shape, p, x.device) if x.device.type == "cpu" else
