@@ -65,8 +65,9 @@ class TrainConfig:
     keep_dequantized: str = "auto"         # NF4: dequantize each weight once and keep it ("on"), or in every
                                            # pass ("off"); "auto": on when that takes <= 1/8 of the device memory
     compile: bool = True                   # torch.compile the blocks for training (lora.compile_for_training):
-                                           # ~25% faster steps after ~10 s of compiling; needs the NF4 weights
-                                           # kept and a C++ compiler (CPU) or triton (GPU), else trains eager
+                                           # ~25% faster steps after ~40 s of compiling (seconds once cached);
+                                           # needs the NF4 weights kept and a C++ compiler (CPU) or triton (GPU),
+                                           # else trains eager
     seed: int = 0                          # seeds synthesis, data order, dropout
     resume: bool = False                   # continue from RUNS/NAME/checkpoint (after Ctrl-C or a crash)
     max_steps: int = 0                     # stop after this many optimizer steps (0 = all epochs)
