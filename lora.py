@@ -200,10 +200,9 @@ def compile_for_training(model, dynamic=None) -> int:
     the rest of the block's element-wise work together): before each block runs, its dropout masks are
     drawn with `cpu_keep_mask` in the order the eager forward draws them, so on a CPU a seed gives the
     same masks either way. Returns the number of blocks compiled."""
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    if any(not m.keep for m in layers):
-        raise ValueError("compile_for_training needs the NF4 weights kept dequantized (quant.keep_dequantized, "
-                         "train.py --keep-dequantized on); without it, train uncompiled")
+    why_not = compile_unavailable(model)
+    if why_not:
+        raise ValueError(f"compile_for_training: {why_not}; train uncompiled")
     # The first block reads the frozen embedding, an input with no gradient: compiled, it would need a graph
     # of its own (with inductor's cache empty, a first step of 1,500 tokens took 41 s with it, 29 s without) for
     # 1/30 of the work, so it stays eager. The other blocks share one graph.
@@ -243,10 +242,14 @@ def _compiled_training_forward(block, compiled):
     return forward
 
 
-def compile_unavailable(device) -> str | None:
-    """Why torch.compile cannot build kernels for `device` here (None if it can): inductor compiles
-    C++ for a CPU ($CXX, default g++, as torch._inductor.config.cpp.cxx) and Triton for a GPU."""
-    if torch.device(device).type == "cpu":
+def compile_unavailable(model) -> str | None:
+    """Why compile_for_training cannot run on `model` here (None if it can): an NF4 weight not kept
+    dequantized, or no compiler for inductor's kernels (C++ for a CPU: $CXX, default g++, as
+    torch._inductor.config.cpp.cxx; Triton for a GPU)."""
+    if any(isinstance(m, Linear4bit) and not m.keep for m in model.modules()):
+        return ("the NF4 weights are not kept dequantized (quant.keep_dequantized; train.py --keep-dequantized off, "
+                "or auto and they do not fit)")
+    if model.embed_tokens.weight.device.type == "cpu":
         cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
         return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) for inductor's CPU kernels"
     return None if importlib.util.find_spec("triton") else "no triton for inductor's GPU kernels"

@@ -30,7 +30,7 @@ from loss import METHODS, PG_TARGETS, build_samples, collate, joint_loss, kld_lo
 from model import (DRAFT_TOKENS, common_prefix_length, generate, keep_freed_memory, load_model, prefill_prefix,
                    set_fp16_weights)
 from prompts import PromptFileError, load_prompt
-from quant import KEEP_MODES, Linear4bit, keep_dequantized_if
+from quant import KEEP_MODES, keep_dequantized_if
 
 
 @dataclass
@@ -404,9 +404,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)                               # the same adapter init in every process
     add_lora(model, lora_cfg)
     if cfg.compile:
-        why_not = compile_unavailable(device)
-        if why_not is None and any(isinstance(m, Linear4bit) and not m.keep for m in model.modules()):
-            why_not = "the NF4 weights are not kept dequantized (--keep-dequantized off, or auto and they do not fit)"
+        why_not = compile_unavailable(model)
         if why_not:
             log(f"training uncompiled: {why_not}")
         else:

@@ -88,14 +88,18 @@ def test_bad_input_fails_before_loading_anything(tmp_path, capsys):
         train.main(["--prompt", str(tmp_path / "missing.txt")])
 
 
-def test_boolean_flags_turn_on_and_off_and_compile_falls_back_to_eager_without_a_compiler(monkeypatch):
+def test_boolean_flags_turn_on_and_off_and_compile_falls_back_to_eager_without_a_compiler(tiny_dir, monkeypatch):
     from lora import compile_unavailable
+    from quant import keep_dequantized
     assert train.parse_args([]).compile and not train.parse_args(["--no-compile"]).compile
     assert train.parse_args(["--resume"]).resume and not train.parse_args([]).resume
     assert not train.parse_args(["--preset", "paper", "--no-compile"]).compile
-    assert compile_unavailable("cpu") is None                               # this machine has g++
+    model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu", quantize="nf4")
+    assert "not kept dequantized" in compile_unavailable(model)
+    keep_dequantized(model)
+    assert compile_unavailable(model) is None                               # this machine has g++
     monkeypatch.setenv("CXX", "no-such-compiler++")
-    assert "no-such-compiler++" in compile_unavailable("cpu")
+    assert "no-such-compiler++" in compile_unavailable(model)
 
 
 def test_empty_data_file_is_refused(tiny_dir, tmp_path):
