@@ -22,12 +22,10 @@ fp32 gradients.
 """
 import contextlib
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model import compiler_unavailable
 from quant import LINEAR_NAMES, Linear4bit
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -254,10 +253,7 @@ def compile_unavailable(model) -> str | None:
     if any(isinstance(m, Linear4bit) and not m.keep for m in model.modules()):
         return ("the NF4 weights are not kept dequantized (quant.keep_dequantized; train.py --keep-dequantized off, "
                 "or auto and they do not fit)")
-    if model.embed_tokens.weight.device.type == "cpu":
-        cxx = os.environ.get("CXX", "clang++" if sys.platform == "darwin" else "g++")
-        return None if shutil.which(cxx) else f"no C++ compiler ({cxx}) for inductor's CPU kernels"
-    return None if importlib.util.find_spec("triton") else "no triton for inductor's GPU kernels"
+    return compiler_unavailable(model.embed_tokens.weight.device)
 
 
 # ----------------------------------------------------------------------------- whole-model operations

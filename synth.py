@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import (DRAFT_TOKENS, KVCache, common_prefix_length, cut_at_stop, generate,
+from model import (DRAFT_TOKENS, KVCache, common_prefix_length, compile_for_inference, cut_at_stop, generate,
                    load_model, prefill_prefix, set_fp16_weights)
 from prompts import AgentPrompt, example_inputs, load_prompt
 
@@ -834,6 +834,8 @@ def main(argv=None):
     ap.add_argument("--bench-samples", type=int, default=4, help="samples the benchmark role-plays")
     ap.add_argument("--fp32-weights", action="store_true",
                     help="on a CPU, read the exact fp32 weights, not fp16 copies (model.set_fp16_weights; slower)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="prefills and batched decoding through blocks compiled by inductor (model.compile_for_inference)")
     for f in SynthConfig.__dataclass_fields__.values():
         if f.name != "n":
             kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
@@ -846,6 +848,8 @@ def main(argv=None):
     generator, gen_tok = load_model(args.generator) if args.generator else (None, None)
     for m in (model, generator or model):
         set_fp16_weights(m, not args.fp32_weights)
+        if args.compile and (why_not := compile_for_inference(m)):
+            print(f"inference uncompiled: {why_not}")
     demos = read_demos(args.demos) if args.demos else []
     out = Path(args.out or f"runs/{prompt.name}/data")
     if args.benchmark:

@@ -22,6 +22,7 @@ draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPro
 
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
     python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers
+    python benchmarks/bench_engine.py --compile        # ours with compiled blocks (model.compile_for_inference)
                                                       # (same dtype) alternating in one process: N ratios each
 """
 import argparse
@@ -34,8 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import (DRAFT_TOKENS, FP16_KERNELS, INT4_KERNELS, default_dtype, embedded_model_path,  # noqa: E402
-                   generate, load_model, set_fp16_weights, set_int4_weights)
+from model import (DRAFT_TOKENS, FP16_KERNELS, INT4_KERNELS, compile_for_inference, default_dtype,  # noqa: E402
+                   embedded_model_path, generate, load_model, set_fp16_weights, set_int4_weights)
 
 
 def once(fn):
@@ -56,10 +57,12 @@ def load_transformers(dtype):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
-def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights, int4=True):
+def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights, int4=True, compiled=False):
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, fp16_weights)
     set_int4_weights(model, int4)
+    if compiled and (why_not := compile_for_inference(model)):
+        raise SystemExit(f"--compile: {why_not}")
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
         prefill = timed(lambda: model(x, last_only=True), repeats)
@@ -94,7 +97,7 @@ def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype, draft):
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
-def interleaved(prompt_ids, batch16, n_new, rounds):
+def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
     """Prefill and batch-16 decode ratios, ours (as `main` runs it) / transformers in the same dtype
     (`model.default_dtype`: bf16 on a CPU with native bf16 matmul, where it is transformers' best, else
     fp32), the two run alternately in one process: on a shared machine the load drifts between the
@@ -103,6 +106,8 @@ def interleaved(prompt_ids, batch16, n_new, rounds):
     dtype = default_dtype("cpu")
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, FP16_KERNELS and dtype == torch.float32)
+    if compiled and (why_not := compile_for_inference(model)):
+        raise SystemExit(f"--compile: {why_not}")
     hf, name = load_transformers(dtype), f"transformers {str(dtype).replace('torch.', '')}"
     x, b16 = torch.tensor([prompt_ids]), torch.tensor(batch16)
     def hf_gen(n):
@@ -169,6 +174,9 @@ def main():
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="only N alternating pairs of prefill, then of batch-16 decode, ours and transformers "
                          "fp32, and their ratios")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                    help="ours with prefills and batched decoding through compiled blocks (model.compile_for_inference; "
+                         "the first calls compile, 10-40 s, in the untimed warm-ups)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
@@ -176,12 +184,14 @@ def main():
     ids = (tok.encode(text) * 4)[: args.prefill_tokens]
     batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
     if args.interleave:
-        return interleaved(ids, batch16, args.decode_tokens, args.interleave)
+        return interleaved(ids, batch16, args.decode_tokens, args.interleave, args.compile)
     ours_dtype = default_dtype("cpu")
     results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
     fp16 = FP16_KERNELS and ours_dtype == torch.float32            # as synth, evaluate and train infer here
     results["machine"]["ours_fp16_weights"] = fp16
-    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype, args.draft, fp16)
+    results["machine"]["ours_compiled"] = args.compile
+    results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype, args.draft, fp16,
+                                 compiled=args.compile)
     if fp16:                                                         # and with the exact fp32 weights
         results["ours_fp32_weights"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype,
                                                   args.draft, False)

@@ -449,6 +449,56 @@ def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
             assert torch.equal(layer(x1), F.linear(x1, layer.weight))
 
 
+@pytest.mark.slow
+def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
+    """compile_for_inference: a cache-less prefill, a padded batch prefilled into a cache then decoded a
+    token at a time, and greedy decoding of 16 rows after a shared prefix (with and without guesses) give
+    the eager blocks' logits and tokens (fp32). The two compiled halves serve every layer and length: a
+    few graphs in all, not one per layer or length. Steps of a few rows stay eager; models with LoRA
+    layers and machines without a C++ compiler are refused, with the reason."""
+    from lora import LoRAConfig, add_lora
+    model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    V = model.args.vocab_size
+    lengths = [12, 7, 3]
+    tokens = torch.randint(0, V, (len(lengths), 14), generator=g)
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        real[i, :14 - n] = False                                                # left padding
+    prefix = torch.randint(0, V, (30,), generator=g).tolist()
+    suffixes = [torch.randint(0, V, (1 + i % 5,), generator=g).tolist() for i in range(16)]
+
+    def run():
+        with torch.inference_mode():
+            whole = model(torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(1)))
+            cache = KVCache(model.args, len(lengths), 20, torch.float32, "cpu")
+            steps = [model(tokens, cache, pad_mask=real)]
+            for t in range(4):                                                   # 3 rows: eager steps
+                steps.append(model(tokens[:, t:t + 1], cache))
+        shared = prefill_prefix(model, prefix, max_len=len(prefix) + 5 + 8 + 4)
+        greedy = [generate(model, suffixes, 8, prefix=shared, draft=d) for d in (0, 3)]
+        return whole, steps, greedy
+    eager = run()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert model_module.compile_for_inference(model) is None
+    compiled = run()
+    torch.testing.assert_close(compiled[0], eager[0], atol=1e-5, rtol=0)
+    for c, e in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=0)
+    assert compiled[2] == eager[2] and eager[2][0] == eager[2][1]
+    graphs = counters["stats"]["unique_graphs"]
+    assert 2 <= graphs <= 8 and not counters["graph_break"]                     # 2 halves x a few shapes
+    generate(model, [suffixes[0]], 8)                                            # one row: eager throughout
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert model_module.compile_for_inference(model, False) is None and not any(b.compiled for b in model.layers)
+    monkeypatch.setenv("CXX", "no-such-compiler++")
+    assert "no-such-compiler++" in model_module.compile_for_inference(model)
+    monkeypatch.delenv("CXX")
+    add_lora(model, LoRAConfig())
+    assert "LoRALinear" in model_module.compile_for_inference(model) and not any(b.compiled for b in model.layers)
+
+
 def test_sequence_longer_than_context_is_refused(tiny_model):
     model, _ = tiny_model
     with pytest.raises(ValueError, match="longer than the context of 1024"):
