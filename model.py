@@ -359,9 +359,8 @@ class Attention(nn.Module):
         self.v_proj = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None):
-        return self.o_proj(self.attend(*self.project(x, cos, sin), mask, cache))                 # (B, T, dim)
-
+    # A block calls project, then attend, then o_proj (Block.forward): compiled inference compiles the parts
+    # around attend, which alone touches the KV cache.
     def project(self, x, cos, sin):
         """x: (B, T, dim) -> the rotated queries and keys, and the values, of its tokens."""
         B, T, _ = x.shape
@@ -444,15 +443,18 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     """Run inference of more than INT4_MAX_ROWS rows (prefill, batched decoding) through blocks compiled by
     inductor, which fuses their element-wise work (RMSNorm, rotary, SiLU, residual adds) into a few
     kernels around the same matmuls. Products of fewer rows (a decoding step at batch 1) stay eager: there
-    the graphs' own overhead costs what fusing saves. Compiling takes ~10-20 s per new kind of call
+    the graphs' own overhead costs what fusing saves. Compiling takes ~5-15 s per new kind of call
     (one batch row or many, one token or many) on 2 cores, ~1 s from inductor's disk cache.
-    Returns None once on, else why it cannot be (no compiler; blocks with LoRA or NF4 layers, which
-    compile_for_training covers for training)."""
+    Returns None once on, else why it cannot be: no compiler; blocks with LoRA or NF4 layers (which
+    compile_for_training covers for training); fp16 weight copies (set_fp16_weights: fbgemm's packed
+    weights split the graphs)."""
     blocks = list(model.layers)
     why_not = compiler_unavailable(model.embed_tokens.weight.device)
     foreign = {type(m).__name__ for b in blocks for m in b.modules() if type(m) not in (Block, Attention, MLP, RMSNorm, Linear)}
     if foreign:
         why_not = f"its blocks hold {', '.join(sorted(foreign))} layers; compiled inference covers the plain model"
+    elif any(m.fp16 for b in blocks for m in b.modules() if isinstance(m, Linear)):
+        why_not = "its fp16 weight copies (set_fp16_weights) do not compile; turn them off first"
     for block in blocks:
         block.compiled = on and why_not is None
     return why_not if on else None

@@ -173,7 +173,7 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="only N alternating pairs of prefill, then of batch-16 decode, ours and transformers "
-                         "fp32, and their ratios")
+                         "(both in model.default_dtype), and their ratios")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                     help="ours with prefills and batched decoding through compiled blocks (model.compile_for_inference; "
                          "the first calls compile, 10-40 s, in the untimed warm-ups)")

@@ -495,6 +495,10 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler++")
     assert "no-such-compiler++" in model_module.compile_for_inference(model)
     monkeypatch.delenv("CXX")
+    if FP16_KERNELS:
+        set_fp16_weights(model)
+        assert "fp16 weight copies" in model_module.compile_for_inference(model)
+        set_fp16_weights(model, False)
     add_lora(model, LoRAConfig())
     assert "LoRALinear" in model_module.compile_for_inference(model) and not any(b.compiled for b in model.layers)
 
