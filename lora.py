@@ -225,9 +225,9 @@ def _compiled_training_forward(block, compiled):
     readers = [inputs[k] for k in sorted(inputs)]
     nf4 = [m for m in block.modules() if isinstance(m, Linear4bit)]
 
-    def forward(x, cos, sin, mask, cache):            # x: (B, T, dim)
-        if cache is not None or not (block.training and torch.is_grad_enabled()):
-            return eager(x, cos, sin, mask, cache)
+    def forward(x, cos, sin, mask, cache, last_only=False):            # x: (B, T, dim)
+        if cache is not None or last_only or not (block.training and torch.is_grad_enabled()):
+            return eager(x, cos, sin, mask, cache, last_only)
         for m in nf4:
             m.weight_as(x.dtype)                      # the kept copy the graph reads, current
         for layers in readers:                        # this step's masks, in the eager forward's order

@@ -86,39 +86,48 @@ def linear_shapes(args: ModelArgs) -> dict:
 def count_forward(args: ModelArgs, t_new: int, t_past: int = 0, lora_rank: int = 0, lora_merged: bool = True,
                   batch: int = 1, last_only: bool = False) -> dict:
     """MACs and FLOPs of one forward of `t_new` tokens per row after `t_past` cached ones (model.py's Llama).
+    With `last_only` (only the last token's logits, as a prefill for generation), the last block computes
+    every token's keys and values but the rest for the last token alone (model.Block.forward).
 
-    Returns {"layer": {op: {"macs", "flops"}} for one block (all blocks are alike), "lm_head", "final_norm",
-    and totals: "macs_linear" (block linears, LoRA, LM head), "macs_attention" (QK^T + AV), "macs",
-    "flops_matmul" (= 2 * macs), "flops_elementwise", "flops" (matmul + elementwise)}."""
+    Returns {"layer": {op: {"macs", "flops"}} for one block (all blocks are alike but, with last_only, the
+    last: "last_layer"), "lm_head", "final_norm", and totals: "macs_linear" (block linears, LoRA, LM head),
+    "macs_attention" (QK^T + AV), "macs", "flops_matmul" (= 2 * macs), "flops_elementwise", "flops"
+    (matmul + elementwise)}."""
     if t_new < 1 or t_past < 0 or batch < 1 or lora_rank < 0:
         raise ValueError(f"count_forward needs t_new >= 1, t_past >= 0, batch >= 1, lora_rank >= 0 "
                          f"(got {t_new}, {t_past}, {batch}, {lora_rank})")
-    n = batch * t_new                                   # token rows through every block
+    n = batch * t_new                                   # token rows into every block
     s = t_past + t_new                                  # keys each query sees (full rectangle)
-    n_out = batch * (1 if last_only else t_new)         # rows through the final norm and LM head
+    n_out = batch * (1 if last_only else t_new)         # rows out of the last block, through the final norm and LM head
     hd, shapes = args.head_dim, linear_shapes(args)
     mm = lambda macs: {"macs": macs, "flops": 2 * macs}
     ew = lambda flops: {"macs": 0, "flops": flops}
-    layer = {name: mm(n * i * o) for name, (i, o) in shapes.items()}
-    layer["qk"] = mm(batch * args.n_heads * t_new * s * hd)                   # (T, hd) @ (hd, S) per head
-    layer["av"] = mm(batch * args.n_heads * t_new * s * hd)                   # (T, S) @ (S, hd) per head
-    unmerged = lora_rank > 0 and not lora_merged
-    lora_targets = [shapes[t] for t in LORA_TARGETS] if unmerged else []
-    layer["lora"] = mm(sum(n * lora_rank * (i + o) for i, o in lora_targets))  # x @ A (in->r), then @ B (r->out)
-    layer["rmsnorm"] = ew(2 * RMSNORM_FLOPS * n * args.dim)
-    layer["rotary"] = ew(ROTARY_FLOPS * n * hd * (args.n_heads + args.n_kv_heads))
-    layer["softmax"] = ew(SOFTMAX_FLOPS * batch * args.n_heads * t_new * s)
-    layer["swiglu"] = ew(SWIGLU_FLOPS * n * args.hidden_dim)
-    layer["residual"] = ew(2 * RESIDUAL_FLOPS * n * args.dim)
-    layer["lora_add"] = ew(sum(LORA_ADD_FLOPS * n * o for _, o in lora_targets))
+    lora_targets = LORA_TARGETS if lora_rank > 0 and not lora_merged else ()
+
+    def block(rows_out, queries):
+        """One block's counts: every new token's rows into q, k, v; `rows_out` rows on from the attention."""
+        rows = lambda name: n if name in ("q_proj", "k_proj", "v_proj") else rows_out
+        layer = {name: mm(rows(name) * i * o) for name, (i, o) in shapes.items()}
+        layer["qk"] = mm(batch * args.n_heads * queries * s * hd)                 # (T, hd) @ (hd, S) per head
+        layer["av"] = mm(batch * args.n_heads * queries * s * hd)                 # (T, S) @ (S, hd) per head
+        layer["lora"] = mm(sum(rows(t) * lora_rank * sum(shapes[t]) for t in lora_targets))  # x @ A, then @ B
+        layer["rmsnorm"] = ew(RMSNORM_FLOPS * (n + rows_out) * args.dim)
+        layer["rotary"] = ew(ROTARY_FLOPS * n * hd * (args.n_heads + args.n_kv_heads))
+        layer["softmax"] = ew(SOFTMAX_FLOPS * batch * args.n_heads * queries * s)
+        layer["swiglu"] = ew(SWIGLU_FLOPS * rows_out * args.hidden_dim)
+        layer["residual"] = ew(2 * RESIDUAL_FLOPS * rows_out * args.dim)
+        layer["lora_add"] = ew(sum(LORA_ADD_FLOPS * rows(t) * shapes[t][1] for t in lora_targets))
+        return layer
+    layer = block(n, t_new)
+    last_layer = block(n_out, 1) if last_only else layer
     lm_head, final_norm = mm(n_out * args.dim * args.vocab_size), ew(RMSNORM_FLOPS * n_out * args.dim)
-    L = args.n_layers
-    macs_linear = L * sum(layer[k]["macs"] for k in (*shapes, "lora")) + lm_head["macs"]
-    macs_attention = L * (layer["qk"]["macs"] + layer["av"]["macs"])
-    flops_elementwise = L * sum(v["flops"] for v in layer.values() if v["macs"] == 0) + final_norm["flops"]
+    blocks = lambda pick: (args.n_layers - 1) * pick(layer) + pick(last_layer)     # the sum over all blocks
+    macs_linear = blocks(lambda b: sum(b[k]["macs"] for k in (*shapes, "lora"))) + lm_head["macs"]
+    macs_attention = blocks(lambda b: b["qk"]["macs"] + b["av"]["macs"])
+    flops_elementwise = blocks(lambda b: sum(v["flops"] for v in b.values() if v["macs"] == 0)) + final_norm["flops"]
     macs = macs_linear + macs_attention
     return {"t_new": t_new, "t_past": t_past, "batch": batch, "last_only": last_only, "lora_rank": lora_rank,
-            "lora_merged": lora_merged, "layer": layer, "lm_head": lm_head, "final_norm": final_norm,
+            "lora_merged": lora_merged, "layer": layer, "last_layer": last_layer, "lm_head": lm_head, "final_norm": final_norm,
             "macs_linear": macs_linear, "macs_attention": macs_attention, "macs": macs, "flops_matmul": 2 * macs,
             "flops_elementwise": flops_elementwise, "flops": 2 * macs + flops_elementwise}
 

@@ -169,6 +169,30 @@ def test_cache_prefill_then_decode_equals_full_forward_with_padding(tiny_model):
             torch.testing.assert_close(out[i], full[i][n + step], atol=1e-5, rtol=0)
 
 
+def test_last_only_gives_the_last_position_of_the_whole_forward(tiny_model):
+    """last_only: the last block computes the last token's row alone (every token's keys and values still
+    go in the cache); its logits equal the last position's of the whole forward, without a cache, into a
+    cache with left padding, and after a shared prefix, and the cache holds the same keys and values."""
+    model, _ = tiny_model
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 9), generator=g)
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    real[1, :4], real[2, :7] = False, False                                       # left padding
+    with torch.inference_mode():
+        torch.testing.assert_close(model(tokens[:1], last_only=True), model(tokens[:1])[:, -1:], atol=1e-5, rtol=0)
+        caches = [KVCache(model.args, 3, 12, torch.float32, "cpu") for _ in range(2)]
+        whole = model(tokens, caches[0], pad_mask=real)[:, -1:]
+        torch.testing.assert_close(model(tokens, caches[1], pad_mask=real, last_only=True), whole, atol=1e-5, rtol=0)
+        for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        nxt = tokens[:, :2]                                                          # two more tokens after them
+        torch.testing.assert_close(model(nxt, caches[1], last_only=True), model(nxt, caches[0])[:, -1:], atol=1e-5, rtol=0)
+        shared = prefill_prefix(model, tokens[0].tolist(), max_len=20)
+        rows = [KVCache(model.args, 3, 10, torch.float32, "cpu", shared=shared) for _ in range(2)]   # cascade attention
+        torch.testing.assert_close(model(tokens, rows[1], pad_mask=real, last_only=True),
+                                   model(tokens, rows[0], pad_mask=real)[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_generate_batched_equals_one_by_one(tiny_model):
     model, _ = tiny_model
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [40, 41, 42, 43]]
