@@ -15,14 +15,13 @@ tests/test_quant.py checks. bitsandbytes is not needed at run time.
     keep_dequantized(model)            # optional: dequantize each weight once, not in every pass
     nbytes, numel = quantized_footprint(model)
 """
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import linear, version_key
+from model import fits_in_memory, linear, version_key
 
 # The 16 NF4 values (bitsandbytes `get_4bit_type("nf4")`): quantiles of N(0, 1) scaled to
 # [-1, 1], with an exact zero. A 4-bit code is an index into this table.
@@ -260,12 +259,7 @@ def dequantized_fits(module: nn.Module, dtype: torch.dtype, device, share: float
     """Whether `module`'s Linear4bit weights, dequantized to `dtype`, take at most `share` of the
     device's memory (GPU memory, or the machine's RAM for a CPU)."""
     numel = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, Linear4bit))
-    device = torch.device(device)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return numel * torch.finfo(dtype).bits // 8 <= share * total
+    return fits_in_memory(numel * torch.finfo(dtype).bits // 8, device, share)
 
 
 KEEP_MODES = ("auto", "on", "off")  # train.py / bench_qlora.py --keep-dequantized

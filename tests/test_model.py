@@ -106,6 +106,45 @@ def test_fp16_weights_equal_transformers_with_fp16_rounded_weights(tmp_path):
         assert torch.equal(ours(tokens), load_model(tmp_path, dtype=torch.float32, device="cpu")[0](tokens))
 
 
+@pytest.mark.skipif(not model_module.ONEDNN_KERNELS, reason="this PyTorch build has no oneDNN")
+def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path):
+    """A bf16 model loaded on a CPU reads weights reordered for oneDNN in products of more than
+    INT4_MAX_ROWS rows. Reference: F.linear on the weight itself, per product (equal, or one bf16 rounding
+    apart) and through the whole model (logits with the copies off). An in-place change of a weight (a LoRA
+    merge) is seen; gradients and few-row products take the weight; fp32 loads and switching off keep none."""
+    from model import INT4_MAX_ROWS, Linear, set_onednn_weights
+    save_tiny_llama(tmp_path)
+    model, _ = load_model(tmp_path, dtype=torch.bfloat16, device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(m.onednn for m in layers) and len(layers) == 2 * 7 + 1
+    q = model.layers[0].self_attn.q_proj
+    x = torch.randn(2, INT4_MAX_ROWS, q.in_features).bfloat16()
+
+    def close_to_f_linear(y, x):                                    # at most one bf16 rounding (2^-8) apart
+        ref = F.linear(x.float(), q.weight.float())
+        assert (y.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max(), "not the weight's product"
+        assert (y.float() - F.linear(x, q.weight).float()).abs().max() <= 2 ** -7 * ref.abs().max()
+    with torch.no_grad():
+        close_to_f_linear(q(x), x)
+        assert "_onednn" in q.__dict__                                            # the reordered copy was read
+        q.weight.mul_(-1)                                                          # in place, as a LoRA merge
+        close_to_f_linear(q(x), x)
+        q.weight.mul_(-1)
+        assert torch.equal(q(x[:1]), model_module.linear(x[:1], q.weight))        # few rows: not reordered
+    xg = x.clone().requires_grad_()
+    y = q(xg)
+    assert torch.equal(y, F.linear(xg, q.weight)) and y.requires_grad          # training: the weight itself
+    tokens = torch.randint(0, model.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        on = model(tokens)
+        assert sum("_onednn" in m.__dict__ for m in layers) == len(layers)
+        assert set_onednn_weights(model, False) == 0 and not any("_onednn" in m.__dict__ for m in layers)
+        off = model(tokens)
+    torch.testing.assert_close(on.float(), off.float(), atol=0.05, rtol=0.02)
+    fp32, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
+    assert not any(m.onednn for m in fp32.modules() if isinstance(m, Linear))
+
+
 # ----------------------------------------------------------------------------- KV cache
 @pytest.mark.parametrize("rows", [1, 3, 16, 64, 65])
 def test_split_linear_equals_f_linear(rows, monkeypatch):
@@ -481,6 +520,8 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
     few graphs in all, not one per layer or length. Steps of a few rows stay eager; models with LoRA
     layers and machines without a C++ compiler are refused, with the reason."""
     from lora import LoRAConfig, add_lora
+    # the tiny model's calls are short: compile those of more than 12 rows (SmolLM2's prefills compile)
+    monkeypatch.setattr(model_module, "COMPILED_MIN_ROWS", 12)
     model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
     g = torch.Generator().manual_seed(0)
     V = model.args.vocab_size
@@ -515,6 +556,11 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
     assert 2 <= graphs <= 8 and not counters["graph_break"]                     # 2 halves x a few shapes
     generate(model, [suffixes[0]], 8)                                            # one row: eager throughout
     assert counters["stats"]["unique_graphs"] == graphs
+    monkeypatch.undo()                                         # the default: a 16 x 8 step eager, a prefill compiled
+    block, part = model.layers[0], model_module.Block.before_attention
+    with torch.no_grad():
+        assert block._maybe_compiled(part, torch.zeros(16, 8, 1)) is part
+        assert block._maybe_compiled(part, torch.zeros(1, model_module.COMPILED_MIN_ROWS + 1, 1)) is not part
     assert model_module.compile_for_inference(model, False) is None and not any(b.compiled for b in model.layers)
     monkeypatch.setenv("CXX", "no-such-compiler++")
     assert "no-such-compiler++" in model_module.compile_for_inference(model)
