@@ -304,8 +304,9 @@ class Linear(nn.Linear):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), stored[0], 32, stored[1])
             y = y.view(*x.shape[:-1], -1)                                           # (..., out)
             return y if self.bias is None else y + self.bias
-        if (self.onednn and x.numel() > INT4_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()):   # a compiled graph reads the weight
+        if (self.onednn and x.numel() > INT4_MAX_ROWS * x.shape[-1] and x.dtype == self.weight.dtype == torch.bfloat16
+                and x.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):                   # a compiled graph reads the weight itself
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight(), self.bias, "none", [], "")
         return linear(x, self.weight, self.bias)
 
@@ -317,6 +318,12 @@ class Linear(nn.Linear):
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
         scale_zero = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(self.weight.dtype)  # (in/32, out, 2)
         self._int4 = (packed, scale_zero, version_key(self.weight))
+
+    def __getstate__(self):
+        """Copies (copy.deepcopy, pickle) leave out the packed weights, opaque tensors that cannot be copied;
+        the copy packs its own on first use."""
+        return {k: v for k, v in super().__getstate__().items()
+                if k not in ("_onednn", "_onednn_key", "_fp16_packed", "_fp16_key")}
 
     def onednn_weight(self):
         """The weight reordered into oneDNN's blocked layout; again whenever the weight changes (as packed_fp16)."""

@@ -1,4 +1,5 @@
 """model.py against transformers: logits, rope scaling, KV cache, prefix caching, and bad checkpoints."""
+import copy
 import json
 import shutil
 
@@ -131,6 +132,9 @@ def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path)
         close_to_f_linear(q(x), x)
         q.weight.mul_(-1)
         assert torch.equal(q(x[:1]), model_module.linear(x[:1], q.weight))        # few rows: not reordered
+    twin = copy.deepcopy(q)                                    # copies leave the opaque reordered weight out
+    with torch.no_grad():
+        assert "_onednn" not in twin.__dict__ and torch.equal(twin(x), q(x))
     xg = x.clone().requires_grad_()
     y = q(xg)
     assert torch.equal(y, F.linear(xg, q.weight)) and y.requires_grad          # training: the weight itself
