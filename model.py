@@ -319,28 +319,29 @@ class Linear(nn.Linear):
         scale_zero = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(self.weight.dtype)  # (in/32, out, 2)
         self._int4 = (packed, scale_zero, version_key(self.weight))
 
+    PACKED = {"fp16": "_fp16_packed", "onednn": "_onednn"}   # switch -> where its packed weight is kept
+
     def __getstate__(self):
         """Copies (copy.deepcopy, pickle) leave out the packed weights, opaque tensors that cannot be copied;
         the copy packs its own on first use."""
-        return {k: v for k, v in super().__getstate__().items()
-                if k not in ("_onednn", "_onednn_key", "_fp16_packed", "_fp16_key")}
+        return {k: v for k, v in super().__getstate__().items() if k not in self.PACKED.values()}
+
+    def _packed(self, switch, pack):
+        """pack(weight), kept until the weight changes (an in-place update such as a LoRA merge bumps its
+        version; `.to()` makes a new tensor), then packed again."""
+        name, key = self.PACKED[switch], version_key(self.weight)
+        kept = self.__dict__.get(name)
+        if kept is None or kept[1] != key:
+            kept = self.__dict__[name] = (pack(self.weight.detach()), key)
+        return kept[0]
 
     def onednn_weight(self):
-        """The weight reordered into oneDNN's blocked layout; again whenever the weight changes (as packed_fp16)."""
-        key = version_key(self.weight)
-        if self.__dict__.get("_onednn_key") != key:
-            self._onednn = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
-            self._onednn_key = key
-        return self._onednn
+        """The weight reordered into oneDNN's blocked layout."""
+        return self._packed("onednn", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None))
 
     def packed_fp16(self):
-        """The weight rounded to fp16 and packed for fbgemm; packed again whenever the weight changes
-        (an in-place update such as a LoRA merge bumps its version; `.to()` makes a new tensor)."""
-        key = version_key(self.weight)
-        if self.__dict__.get("_fp16_key") != key:
-            self._fp16_packed = torch.ops.quantized.linear_prepack_fp16(self.weight.detach(), None)
-            self._fp16_key = key
-        return self._fp16_packed
+        """The weight rounded to fp16 and packed for fbgemm."""
+        return self._packed("fp16", lambda w: torch.ops.quantized.linear_prepack_fp16(w, None))
 
 
 def set_fp16_weights(model: nn.Module, on: bool = True) -> int:
@@ -351,13 +352,7 @@ def set_fp16_weights(model: nn.Module, on: bool = True) -> int:
     at 1 row, 14.4 instead of 43.7 ms at 4 (a step with 3 guesses), 37.6 instead of 75.6 ms at 16,
     132 instead of 177 ms at 64, 1.0 instead of 1.15 s at 512.
     Gradients (training) always take the fp32 weights. Returns the number of layers switched."""
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    for m in layers:
-        m.fp16 = on and FP16_KERNELS
-        if not m.fp16:                                  # free the copies
-            m.__dict__.pop("_fp16_packed", None)
-            m.__dict__.pop("_fp16_key", None)
-    return len(layers) if on and FP16_KERNELS else 0
+    return _switch_packed_weights(model, "fp16", on and FP16_KERNELS)
 
 
 def set_onednn_weights(model: nn.Module, on: bool = True) -> int:
@@ -365,13 +360,17 @@ def set_onednn_weights(model: nn.Module, on: bool = True) -> int:
     ONEDNN_KERNELS), for products of more than INT4_MAX_ROWS rows. The copies cost the weights' memory
     again (SmolLM2: 270 MB), so load_model turns them on for a bf16 model on a CPU only when that fits
     (`fits_in_memory`). Returns the number of layers switched."""
+    return _switch_packed_weights(model, "onednn", on and ONEDNN_KERNELS)
+
+
+def _switch_packed_weights(model: nn.Module, switch: str, on: bool) -> int:
+    """Set Linear.<switch> ("fp16", "onednn") in every Linear of `model`; off frees their packed weights."""
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     for m in layers:
-        m.onednn = on and ONEDNN_KERNELS
-        if not m.onednn:                                # free the copies
-            m.__dict__.pop("_onednn", None)
-            m.__dict__.pop("_onednn_key", None)
-    return len(layers) if on and ONEDNN_KERNELS else 0
+        setattr(m, switch, on)
+        if not on:
+            m.__dict__.pop(Linear.PACKED[switch], None)
+    return len(layers) if on else 0
 
 
 def fits_in_memory(nbytes: int, device, share: float = 0.125) -> bool:
