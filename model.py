@@ -277,10 +277,10 @@ INT4_MAX_ROWS = 12
 # oneDNN's bf16 matmul on a weight reordered once into its blocked layout (AMX / AVX-512 tiles), as
 # inductor's freezing does; F.linear reorders the weight again on every call. The same products (bitwise
 # equal, or one bf16 rounding apart). SmolLM2's 210 block linears in bf16 on the 2-core Xeon: 15.0 against
-# 21.1-24.5 ms at 16 rows, 157-162 against 174 ms at 1,100 rows. In generate at batch 16 a step is 1.33x
-# faster, an eager 1,100-token prefill 1.09x (medians of 5 alternating pairs). Products of up to
-# INT4_MAX_ROWS rows keep to the 4-bit codes or `linear`: the LM head reordered, alone 1.4 against 1.7 ms at
-# 1 row, made generate's batch-1 steps 3 ms slower (AMX tiles between the 4-bit kernel's AVX-512 code).
+# 21.1-24.5 ms at 16 rows, 157-162 against 174 ms at 1,100 rows. `generate` at batch 16 1.15x faster, an
+# eager 1,100-token prefill 0.99x (medians of 8 alternating pairs). Products of up to INT4_MAX_ROWS rows keep
+# to the 4-bit codes or `linear`: the LM head reordered (1.4 against 1.7 ms alone at 1 row) left generate's
+# batch-1 steps as they were (589 against 591 ms for 31 steps, medians of 10 alternating pairs).
 ONEDNN_KERNELS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
@@ -501,8 +501,10 @@ class Block(nn.Module):
 
 # Inference of more rows than this runs through the compiled graphs (compile_for_inference); decoding steps,
 # batched or with guesses, stay eager. A forward of T tokens of SmolLM2 in bf16 on the 2-core Xeon (medians
-# of 15, ms), eager / eager with oneDNN-reordered weights / compiled (each block's halves): T=16 51.0 / 45.2 / 51.2, 64 65.5 /
-# 59.2 / 60.3, 128 86.4 / 76.6 / 77.5, 256 133.2 / 123.5 / 114.9, 512 222.0 / 236.2 / 185.8.
+# of 15, ms), eager / eager with oneDNN-reordered weights / compiled (each block's two halves, before
+# _compiled_blocks): T=16 51.0 / 45.2 / 51.2, 64 65.5 / 59.2 / 60.3, 128 86.4 / 76.6 / 77.5, 256 133.2 /
+# 123.5 / 114.9, 512 222.0 / 236.2 / 185.8. Batch 16 compiled with _compiled_blocks: 1,395 against 1,299 ms
+# eager for 31 steps (medians of 6 alternating pairs).
 COMPILED_MIN_ROWS = 128
 
 
@@ -517,10 +519,11 @@ def _compiled_parts():
 
 def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     """Run inference of more than COMPILED_MIN_ROWS rows (prefills) through blocks compiled by inductor
-    (Llama._compiled_blocks), which fuses their element-wise work (RMSNorm, rotary, SiLU, residual adds) into a
-    few kernels around the same matmuls. Fewer rows (decoding steps, batched or not) stay eager: there the graphs' own overhead costs
-    what fusing saves, and eager bf16 products read oneDNN-reordered weights. Compiling takes ~5-15 s per
-    new kind of call (one batch row or many) on 2 cores, ~1 s from inductor's disk cache.
+    (Llama._compiled_blocks), which fuses their element-wise work (RMSNorm, rotary, SiLU, residual adds)
+    into a few kernels around the same matmuls. Fewer rows (decoding steps, batched or not) stay eager: there
+    the graphs' own overhead costs what fusing saves, and eager bf16 products read oneDNN-reordered weights.
+    Compiling takes ~5-15 s per new kind of call (one batch row or many) on 2 cores, ~1 s from inductor's
+    disk cache.
     Returns None once on, else why it cannot be: no compiler; blocks with LoRA or NF4 layers (which
     compile_for_training covers for training); fp16 weight copies (set_fp16_weights: fbgemm's packed
     weights split the graphs)."""
