@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import sys
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,8 +306,9 @@ class Linear(nn.Linear):
             y = y.view(*x.shape[:-1], -1)                                           # (..., out)
             return y if self.bias is None else y + self.bias
         if (self.onednn and x.numel() > INT4_MAX_ROWS * x.shape[-1] and x.dtype == self.weight.dtype == torch.bfloat16
-                and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling()):                   # a compiled graph reads the weight itself
+                and x.device.type == "cpu" and not torch.is_grad_enabled()):
+            if torch.compiler.is_compiling():          # one graph serves every layer: the op finds the copy by the weight
+                return onednn_linear(x, self.weight, self.bias)
             return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight(), self.bias, "none", [], "")
         return linear(x, self.weight, self.bias)
 
@@ -344,6 +346,28 @@ class Linear(nn.Linear):
         return self._packed("fp16", lambda w: torch.ops.quantized.linear_prepack_fp16(w, None))
 
 
+# A compiled graph takes the weights as inputs (one graph serves every layer) and cannot hold a reordered
+# copy, an opaque tensor. So there a Linear calls this op, which finds the copy from the weight: the op runs
+# eagerly inside the graph, with the Parameter object itself. A 1,100-token prefill, compiled, 12 alternating
+# pairs in one process, three runs: 1.076x, 1.032x and 1.066x faster than the graph's own matmuls.
+_LINEAR_OF_WEIGHT: dict[int, weakref.ref] = {}       # id(weight) -> its Linear, while set_onednn_weights is on
+
+
+@torch.library.custom_op("genpi::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) through the reordered copy that weight's Linear keeps (Linear.onednn_weight);
+    F.linear itself if that Linear is gone or holds another weight now."""
+    layer = _LINEAR_OF_WEIGHT.get(id(weight), lambda: None)()
+    if layer is None or layer.weight is not weight:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, layer.onednn_weight(), bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])                          # (..., out)
+
+
 def set_fp16_weights(model: nn.Module, on: bool = True) -> int:
     """Inference on a CPU in fp32 with fp16 copies of every linear's weight (the blocks' and the LM
     head), where PyTorch has the fbgemm kernels. Activations, attention and sums stay fp32; the
@@ -360,6 +384,12 @@ def set_onednn_weights(model: nn.Module, on: bool = True) -> int:
     ONEDNN_KERNELS), for products of more than INT4_MAX_ROWS rows. The copies cost the weights' memory
     again (SmolLM2: 270 MB), so load_model turns them on for a bf16 model on a CPU only when that fits
     (`fits_in_memory`). Returns the number of layers switched."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            if on and ONEDNN_KERNELS:
+                _LINEAR_OF_WEIGHT[id(m.weight)] = weakref.ref(m)
+            else:
+                _LINEAR_OF_WEIGHT.pop(id(m.weight), None)
     return _switch_packed_weights(model, "onednn", on and ONEDNN_KERNELS)
 
 

@@ -132,6 +132,11 @@ def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path)
         close_to_f_linear(q(x), x)
         q.weight.mul_(-1)
         assert torch.equal(q(x[:1]), model_module.linear(x[:1], q.weight))        # few rows: not reordered
+        close_to_f_linear(model_module.onednn_linear(x, q.weight, None), x)        # the op compiled graphs call
+        old = q.weight
+        q.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)   # a new weight: the op
+        assert torch.equal(model_module.onednn_linear(x, old, None), F.linear(x, old))   # falls back to F.linear
+        q.weight = old
     twin = copy.deepcopy(q)                                    # copies leave the opaque reordered weight out
     with torch.no_grad():
         assert "_onednn" not in twin.__dict__ and torch.equal(twin(x), q(x))
@@ -569,6 +574,23 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
         model(torch.zeros(1, model_module.COMPILED_MIN_ROWS + 1, dtype=torch.long))
     assert compiled_rows == [(1, model_module.COMPILED_MIN_ROWS + 1)]
     assert model_module.compile_for_inference(model, False) is None and not model.compiled
+    # bf16 on a CPU: inside the graphs the linears read their oneDNN-reordered weights (model.onednn_linear)
+    looked_up = []
+
+    class Lookups(dict):
+        def get(self, key, default=None):
+            looked_up.append(key)
+            return super().get(key, default)
+    monkeypatch.setattr(model_module, "_LINEAR_OF_WEIGHT", Lookups())
+    b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
+    tokens16 = torch.randint(0, V, (2, 80), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager16 = b16(tokens16)
+        assert model_module.compile_for_inference(b16) is None and not looked_up
+        compiled16 = b16(tokens16)
+    block_weights = {id(m.weight) for b in b16.layers for m in b.modules() if isinstance(m, model_module.Linear)}
+    assert set(looked_up) == block_weights and len(looked_up) == len(block_weights)   # each once, through the op
+    torch.testing.assert_close(compiled16.float(), eager16.float(), atol=0.05, rtol=0.02)
     monkeypatch.setenv("CXX", "no-such-compiler++")
     assert "no-such-compiler++" in model_module.compile_for_inference(model)
     monkeypatch.delenv("CXX")
