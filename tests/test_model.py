@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from conftest import save_tiny_llama
 import model as model_module
-from model import FP16_KERNELS, CheckpointError, KVCache, generate, load_model, prefill_prefix, set_fp16_weights
+from model import (FP16_KERNELS, CheckpointError, KVCache, generate, load_model, prefill_prefix, set_fp16_weights,
+                   set_int4_weights)
 
 
 def _logits_match(directory, hf_model, T=40):
@@ -526,8 +527,8 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
     """compile_for_inference: a cache-less prefill, a padded batch prefilled into a cache then decoded a
     token at a time, and greedy decoding of 16 rows after a shared prefix (with and without guesses) give
     the eager blocks' logits and tokens (fp32). The compiled parts serve every layer and length: a few
-    graphs in all, not one per layer or length. Steps of a few rows stay eager; models with LoRA
-    layers and machines without a C++ compiler are refused, with the reason."""
+    graphs in all, not one per layer or length. Steps after a shared prefix, and few-row forwards without a
+    cache, stay eager; models with LoRA layers and machines without a C++ compiler are refused, with the reason."""
     from lora import LoRAConfig, add_lora
     # the tiny model's calls are short: compile those of more than 12 rows (SmolLM2's prefills compile)
     monkeypatch.setattr(model_module, "COMPILED_MIN_ROWS", 12)
@@ -547,7 +548,7 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
             whole = model(torch.randint(0, V, (1, 40), generator=torch.Generator().manual_seed(1)))
             cache = KVCache(model.args, len(lengths), 20, torch.float32, "cpu")
             steps = [model(tokens, cache, pad_mask=real)]
-            for t in range(4):                                                   # 3 rows: eager steps
+            for t in range(4):                                   # 3 rows: the compiled decoding step
                 steps.append(model(tokens[:, t:t + 1], cache))
         shared = prefill_prefix(model, prefix, max_len=len(prefix) + 5 + 8 + 4)
         greedy = [generate(model, suffixes, 8, prefix=shared, draft=d) for d in (0, 3)]
@@ -562,9 +563,9 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
         torch.testing.assert_close(c, e, atol=1e-5, rtol=0)
     assert compiled[2] == eager[2] and eager[2][0] == eager[2][1]
     graphs = counters["stats"]["unique_graphs"]
-    assert 3 <= graphs <= 12 and not counters["graph_break"]           # 3 parts x a few shapes, not one per layer
-    generate(model, [suffixes[0]], 8)                                            # one row: eager throughout
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert 4 <= graphs <= 13 and not counters["graph_break"]    # 3 parts x a few shapes + a step, not one per layer
+    generate(model, [suffixes[0]], 8)                                  # one row: a decoding graph of its own
+    assert counters["stats"]["unique_graphs"] == graphs + 1
     monkeypatch.undo()                                   # the default: a 16-row step eager, a longer prefill compiled
     compiled_rows = []
     monkeypatch.setattr(model, "_compiled_blocks", lambda x, *a: compiled_rows.append(x.shape[:2])
@@ -600,6 +601,73 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
         set_fp16_weights(model, False)
     add_lora(model, LoRAConfig())
     assert "LoRALinear" in model_module.compile_for_inference(model) and not model.compiled
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
+    """compile_for_inference runs a decoding step (one new token per row after a cache) as one compiled graph
+    (Llama._compiled_step): padded rows, a finished row's padding token and the unfilled slots are masked as
+    eagerly, with the same logits and cache (fp32); one graph serves every cache length. In bf16 the graph
+    reads the kept 4-bit codes, and a weight changed in place since sends the step back to eager."""
+    model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    V = model.args.vocab_size
+    tokens = torch.randint(0, V, (3, 10), generator=g)
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    real[1, :6], real[2, :3] = False, False                                          # left padding
+    steps = torch.randint(0, V, (3, 5), generator=g)
+    step_real = torch.ones_like(steps, dtype=torch.bool)
+    step_real[1, 2:] = False                                            # row 1 finished: padding tokens
+
+    def run(m, max_len, dtype=torch.float32):
+        with torch.inference_mode():
+            cache = KVCache(m.args, 3, max_len, dtype, "cpu")
+            out = [m(tokens, cache, pad_mask=real, last_only=True)]                 # eager: 30 rows
+            for t in range(steps.shape[1]):
+                out.append(m(steps[:, t:t + 1], cache, pad_mask=step_real[:, t:t + 1]))
+        return torch.cat(out, 1), cache
+    eager, eager_cache = run(model, 19)
+    calls = []
+    monkeypatch.setattr(model, "_compiled_step", lambda x, *a: calls.append(x.shape)
+                        or model_module.Llama._compiled_step(model, x, *a))
+    assert model_module.compile_for_inference(model) is None
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled, cache = run(model, 19)
+    assert calls == [(3, 1, model.args.dim)] * steps.shape[1]
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
+    for c, e in zip(cache.k + cache.v, eager_cache.k + eager_cache.v):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=0)
+    assert torch.equal(cache.valid, eager_cache.valid) and torch.equal(cache.next_pos, eager_cache.next_pos)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs <= 1 and not counters["graph_break"]            # 0 if an earlier test compiled it (3 rows)
+    torch.testing.assert_close(run(model, 37)[0], eager, atol=1e-5, rtol=0)           # another cache length
+    assert counters["stats"]["unique_graphs"] == graphs
+
+    # bf16 with 4-bit codes that are not the weights' own (random): the compiled step reads the codes
+    b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
+    layers = [m for b in b16.layers for m in b.modules() if isinstance(m, model_module.Linear)]
+    for layer in layers:
+        out, inp = layer.weight.shape
+        layer.keep_int4(torch.randint(0, 16, (out, inp), generator=g), torch.rand(out, inp // 32, generator=g) * 0.02,
+                        torch.randn(out, inp // 32, generator=g) * 0.01)
+    with_codes = run(b16, 19, torch.bfloat16)[0].float()
+    set_int4_weights(b16, False)
+    with_weights = run(b16, 19, torch.bfloat16)[0].float()
+    set_int4_weights(b16, True)
+    assert model_module.compile_for_inference(b16) is None
+    compiled = run(b16, 19, torch.bfloat16)[0].float()
+    torch.testing.assert_close(compiled, with_codes, atol=0.05, rtol=0.02)
+    assert (compiled[:, 1:] - with_weights[:, 1:]).abs().max() > 0.5          # the steps differ from the weights'
+    with torch.no_grad():
+        layers[0].weight.mul_(-1)                                                 # in place, as a LoRA merge
+    calls.clear()
+    monkeypatch.setattr(b16, "_compiled_step", lambda x, *a: calls.append(x.shape)
+                        or model_module.Llama._compiled_step(b16, x, *a))
+    model_module.compile_for_inference(b16, False)
+    stale_eager = run(b16, 19, torch.bfloat16)[0]
+    model_module.compile_for_inference(b16)
+    assert torch.equal(run(b16, 19, torch.bfloat16)[0], stale_eager) and not calls
 
 
 def test_sequence_longer_than_context_is_refused(tiny_model):
