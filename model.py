@@ -589,6 +589,8 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     elif any(m.fp16 for b in blocks for m in b.modules() if isinstance(m, Linear)):
         why_not = "its fp16 weight copies (set_fp16_weights) do not compile; turn them off first"
     model.compiled = on and why_not is None
+    # the layers whose 4-bit codes a compiled decoding step reads (Llama._int4_codes_current checks them)
+    model.int4_layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
     return why_not if on else None
 
 
@@ -614,6 +616,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
     compiled = False       # compiled inference (compile_for_inference): _compiled_step, _compiled_blocks
+    int4_layers = ()       # the Linears with 4-bit codes when compile_for_inference was called
 
     def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False, head=True):
         """tokens: (B, T) ids; pad_mask: (B, T) bool, True for real tokens (None = all real).
@@ -681,8 +684,7 @@ class Llama(nn.Module):
     def _int4_codes_current(self):
         """Whether every kept set of 4-bit codes still matches its weight: the compiled step reads them without
         Linear.forward's check (a weight changed in place, e.g. by a LoRA merge, sends the step to eager)."""
-        return all(m._int4[2] == version_key(m.weight) for m in self.modules()
-                   if isinstance(m, Linear) and m.__dict__.get("_int4") is not None)
+        return all(m._int4[2] == version_key(m.weight) for m in self.int4_layers)
 
     def decode_blocks(self, x, cos, sin, mask, ks, vs, slot):
         """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, 1, dim) -> (B, 1, dim).

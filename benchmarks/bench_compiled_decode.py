@@ -1,6 +1,8 @@
-"""Benchmark (an experiment; the engine does not use it): how fast a batch-1 greedy decoding step gets
-when `torch.compile` removes PyTorch's per-op and Python overhead, against the engine's eager step and
-llama.cpp in the same run.
+"""Benchmark (the experiment behind the engine's compiled decoding step): how fast a batch-1 greedy decoding
+step gets when `torch.compile` removes PyTorch's per-op and Python overhead, against the engine's eager step
+and llama.cpp in the same run. The engine now compiles its steps this way (`model.compile_for_inference`,
+`Llama._compiled_step`: symbolic batch and cache length, in `generate`); this script keeps the standalone
+version with a fixed shape.
 
 The eager step (`model(token, cache)`) spends ~7-8 ms of its ~17-20 ms in kernels (the GGUF's 4-bit
 codes, the bf16 LM head, attention) and the rest in ~1,500 small ops and their Python. Here one graph

@@ -21,8 +21,9 @@ context, `--draft` tokens per step, the same greedy tokens) on all three sides: 
 draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPromptLookupDecoding`).
 
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
-    python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers
-    python benchmarks/bench_engine.py --compile        # ours with compiled blocks (model.compile_for_inference)
+    python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers;
+                                                      # then batch-1 decode, ours and llama.cpp (if installed)
+    python benchmarks/bench_engine.py --compile        # ours with compiled graphs (model.compile_for_inference)
                                                       # (same dtype) alternating in one process: N ratios each
 """
 import argparse
@@ -102,7 +103,7 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
     (`model.default_dtype`: bf16 on a CPU with native bf16 matmul, where it is transformers' best, else
     fp32), the two run alternately in one process: on a shared machine the load drifts between the
     separate measurements of a full run, not within a pair. Decode is timed as generate(n_new) -
-    generate(1), as in `main`."""
+    generate(1), as in `main`. With llama-cpp-python installed, batch-1 decode alternates with llama.cpp too."""
     dtype = default_dtype("cpu")
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, FP16_KERNELS and dtype == torch.float32)
@@ -113,47 +114,64 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
     def hf_gen(n):
         return hf.generate(b16, attention_mask=torch.ones_like(b16), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
-    # name -> (seconds of ours, seconds of theirs, tokens per second from seconds)
-    pairs = {"prefill": (lambda: once(lambda: model(x, last_only=True)),
+    # name -> (peer, seconds of ours, seconds of theirs, ours' tokens per second, theirs' from seconds)
+    pairs = {"prefill": (name, lambda: once(lambda: model(x, last_only=True)),
                          lambda: once(lambda: hf(x, use_cache=False, logits_to_keep=1)),
-                         lambda t: len(prompt_ids) / t),
-             "decode b16": (lambda: once(lambda: generate(model, batch16, n_new)) - once(lambda: generate(model, batch16, 1)),
+                         lambda t: len(prompt_ids) / t, lambda t: len(prompt_ids) / t),
+             "decode b16": (name, lambda: once(lambda: generate(model, batch16, n_new)) - once(lambda: generate(model, batch16, 1)),
                             lambda: once(lambda: hf_gen(n_new)) - once(lambda: hf_gen(1)),
-                            lambda t: 16 * (n_new - 1) / t)}
+                            lambda t: 16 * (n_new - 1) / t, lambda t: 16 * (n_new - 1) / t)}
+    llama_run = llama_cpp_runner(torch.get_num_threads())
+    if llama_run is not None:          # batch 1 against llama.cpp, timed as in bench_llama_cpp
+        one = prompt_ids[:64]
+        pairs["decode b1"] = ("llama.cpp", lambda: once(lambda: generate(model, [one], n_new)) - once(lambda: generate(model, [one], 1)),
+                              lambda: once(lambda: llama_run(one, n_new)) - once(lambda: llama_run(one, 0)),
+                              lambda t: (n_new - 1) / t, lambda t: n_new / t)
     with torch.inference_mode():
-        for what, (ours, theirs, rate) in pairs.items():
+        for what, (peer, ours, theirs, rate, their_rate) in pairs.items():
             ours(), theirs()                                              # warm-up
             for r in range(rounds):
                 a, b = ours(), theirs()
-                print(f"{what} round {r + 1}: ours {rate(a):.1f} tok/s, {name} {rate(b):.1f} tok/s, "
-                      f"ratio {b / a:.2f}x", flush=True)
+                print(f"{what} round {r + 1}: ours {rate(a):.1f} tok/s, {peer} {their_rate(b):.1f} tok/s, "
+                      f"ratio {rate(a) / their_rate(b):.2f}x", flush=True)
+
+
+def llama_cpp_runner(threads):
+    """run(ids, n): llama.cpp on the embedded GGUF file feeds ids, then decodes n greedy tokens one at a time.
+    None when llama-cpp-python is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    import numpy as np
+    llm = Llama(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+    def run(ids, n):
+        llm.reset()
+        llm.eval(ids)
+        for _ in range(n):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+    return run
 
 
 def bench_llama_cpp(prompt_ids, n_new, repeats, threads, draft):
     """llama.cpp on the embedded GGUF file, batch 1 (its Python API runs one sequence): prefill and greedy
     decode, timed like ours, and greedy decode with its prompt-lookup drafts. None when llama-cpp-python
     is not installed."""
-    try:
-        from llama_cpp import Llama
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-    except ImportError:
+    run = llama_cpp_runner(threads)
+    if run is None:
         return None
-    import numpy as np
+    from llama_cpp import Llama
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
     settings = dict(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
                     n_threads_batch=threads, verbose=False)
-    llm = Llama(**settings)
     lookup = Llama(**settings, draft_model=LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=draft))
 
     def run_lookup(ids, n):                       # its generate() with drafts, greedy, the first n tokens
         for i, _ in enumerate(lookup.generate(ids, top_k=1, temp=0.0, reset=True)):
             if i + 1 >= n:
                 break
-
-    def run(ids, n):                              # feed ids, then n greedy tokens one at a time
-        llm.reset()
-        llm.eval(ids)
-        for _ in range(n):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
     prefill = timed(lambda: run(prompt_ids, 0), repeats)
     dec1 = timed(lambda: run(prompt_ids[:64], n_new), repeats)
     pre1 = timed(lambda: run(prompt_ids[:64], 0), repeats)
@@ -173,10 +191,12 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--interleave", type=int, default=0, metavar="N",
                     help="only N alternating pairs of prefill, then of batch-16 decode, ours and transformers "
-                         "(both in model.default_dtype), and their ratios")
+                         "(both in model.default_dtype), then of batch-1 decode, ours and llama.cpp (when "
+                         "installed), and their ratios")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="ours with prefills and batched decoding through compiled blocks (model.compile_for_inference; "
-                         "the first calls compile, 10-40 s, in the untimed warm-ups)")
+                    help="ours with prefills and decoding steps through compiled graphs (model.compile_for_inference; "
+                         "the first calls compile, ~10 s each from inductor's cache, minutes the first time, in "
+                         "the untimed warm-ups)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
