@@ -835,7 +835,8 @@ def main(argv=None):
     ap.add_argument("--fp32-weights", action="store_true",
                     help="on a CPU, read the exact fp32 weights, not fp16 copies (model.set_fp16_weights; slower)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                    help="prefills and batched decoding through blocks compiled by inductor (model.compile_for_inference)")
+                    help="prefills and decoding steps through graphs compiled by inductor (model.compile_for_inference; "
+                         "the first run compiles for minutes, later ones read inductor's cache)")
     for f in SynthConfig.__dataclass_fields__.values():
         if f.name != "n":
             kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
