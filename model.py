@@ -301,7 +301,8 @@ class Linear(nn.Linear):
             return y if self.bias is None else y + self.bias
         stored = self.__dict__.get("_int4")
         if (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == stored[1].dtype
-                and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or stored[2] == version_key(self.weight))):
+                and not torch.is_grad_enabled()        # compiled steps check the codes before the graph runs
+                and (torch.compiler.is_compiling() or stored[2] == version_key(self.weight))):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), stored[0], 32, stored[1])
             y = y.view(*x.shape[:-1], -1)                                           # (..., out)
             return y if self.bias is None else y + self.bias
@@ -478,7 +479,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)  # (B, H, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)
 
-
     def attend_in_slot(self, q, k, v, k_cache, v_cache, slot, mask):
         """One new token per row (a compiled decoding step, Llama.decode_blocks): its key and value go in slot
         `slot` (1,) of this layer's cache, then its query attends to the slots the mask allows.
@@ -542,11 +542,11 @@ class Block(nn.Module):
 
 
 # Inference of more rows than this runs through the compiled blocks (compile_for_inference); steps with guesses
-# stay eager (single-token decoding steps have a graph of their own, Llama._compiled_step). A forward of T tokens of SmolLM2 in bf16 on the 2-core Xeon (medians
-# of 15, ms), eager / eager with oneDNN-reordered weights / compiled (each block's two halves, before
-# _compiled_blocks): T=16 51.0 / 45.2 / 51.2, 64 65.5 / 59.2 / 60.3, 128 86.4 / 76.6 / 77.5, 256 133.2 /
-# 123.5 / 114.9, 512 222.0 / 236.2 / 185.8. Batch 16 compiled with _compiled_blocks: 1,395 against 1,299 ms
-# eager for 31 steps (medians of 6 alternating pairs).
+# stay eager (single-token decoding steps have a graph of their own, Llama._compiled_step). A forward of T
+# tokens of SmolLM2 in bf16 on the 2-core Xeon (medians of 15, ms), eager / eager with oneDNN-reordered
+# weights / compiled (each block's two halves, before _compiled_blocks): T=16 51.0 / 45.2 / 51.2, 64 65.5 /
+# 59.2 / 60.3, 128 86.4 / 76.6 / 77.5, 256 133.2 / 123.5 / 114.9, 512 222.0 / 236.2 / 185.8. Batch 16
+# compiled with _compiled_blocks: 1,395 against 1,299 ms eager for 31 steps (medians of 6 alternating pairs).
 COMPILED_MIN_ROWS = 128
 
 
@@ -589,7 +589,8 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     elif any(m.fp16 for b in blocks for m in b.modules() if isinstance(m, Linear)):
         why_not = "its fp16 weight copies (set_fp16_weights) do not compile; turn them off first"
     model.compiled = on and why_not is None
-    # the layers whose 4-bit codes a compiled decoding step reads (Llama._int4_codes_current checks them)
+    # the layers whose 4-bit codes a compiled decoding step reads (Llama._int4_codes_current checks them before
+    # each step; listed once, since walking the modules every step cost ~1.5 ms of a 14-ms batch-1 step)
     model.int4_layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
     return why_not if on else None
 

@@ -114,17 +114,18 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
     def hf_gen(n):
         return hf.generate(b16, attention_mask=torch.ones_like(b16), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
+    def ours_decode(prompts):            # seconds for n_new - 1 decoding steps
+        return once(lambda: generate(model, prompts, n_new)) - once(lambda: generate(model, prompts, 1))
     # name -> (peer, seconds of ours, seconds of theirs, ours' tokens per second, theirs' from seconds)
     pairs = {"prefill": (name, lambda: once(lambda: model(x, last_only=True)),
                          lambda: once(lambda: hf(x, use_cache=False, logits_to_keep=1)),
                          lambda t: len(prompt_ids) / t, lambda t: len(prompt_ids) / t),
-             "decode b16": (name, lambda: once(lambda: generate(model, batch16, n_new)) - once(lambda: generate(model, batch16, 1)),
-                            lambda: once(lambda: hf_gen(n_new)) - once(lambda: hf_gen(1)),
+             "decode b16": (name, lambda: ours_decode(batch16), lambda: once(lambda: hf_gen(n_new)) - once(lambda: hf_gen(1)),
                             lambda t: 16 * (n_new - 1) / t, lambda t: 16 * (n_new - 1) / t)}
     llama_run = llama_cpp_runner(torch.get_num_threads())
-    if llama_run is not None:          # batch 1 against llama.cpp, timed as in bench_llama_cpp
+    if llama_run is not None:          # batch 1 against llama.cpp, timed as in bench_llama_cpp (n_new steps)
         one = prompt_ids[:64]
-        pairs["decode b1"] = ("llama.cpp", lambda: once(lambda: generate(model, [one], n_new)) - once(lambda: generate(model, [one], 1)),
+        pairs["decode b1"] = ("llama.cpp", lambda: ours_decode([one]),
                               lambda: once(lambda: llama_run(one, n_new)) - once(lambda: llama_run(one, 0)),
                               lambda t: (n_new - 1) / t, lambda t: n_new / t)
     with torch.inference_mode():
@@ -136,6 +137,12 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
                       f"ratio {rate(a) / their_rate(b):.2f}x", flush=True)
 
 
+def llama_cpp_settings(threads):
+    """llama.cpp's settings for the embedded GGUF file."""
+    return dict(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+
+
 def llama_cpp_runner(threads):
     """run(ids, n): llama.cpp on the embedded GGUF file feeds ids, then decodes n greedy tokens one at a time.
     None when llama-cpp-python is not installed."""
@@ -144,8 +151,7 @@ def llama_cpp_runner(threads):
     except ImportError:
         return None
     import numpy as np
-    llm = Llama(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    llm = Llama(**llama_cpp_settings(threads))
 
     def run(ids, n):
         llm.reset()
@@ -164,9 +170,7 @@ def bench_llama_cpp(prompt_ids, n_new, repeats, threads, draft):
         return None
     from llama_cpp import Llama
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-    settings = dict(model_path=str(embedded_model_path()), n_ctx=2048, n_batch=512, n_threads=threads,
-                    n_threads_batch=threads, verbose=False)
-    lookup = Llama(**settings, draft_model=LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=draft))
+    lookup = Llama(**llama_cpp_settings(threads), draft_model=LlamaPromptLookupDecoding(max_ngram_size=3, num_pred_tokens=draft))
 
     def run_lookup(ids, n):                       # its generate() with drafts, greedy, the first n tokens
         for i, _ in enumerate(lookup.generate(ids, top_k=1, temp=0.0, reset=True)):
