@@ -644,6 +644,23 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     torch.testing.assert_close(run(model, 37)[0], eager, atol=1e-5, rtol=0)           # another cache length
     assert counters["stats"]["unique_graphs"] == graphs
 
+    # generate, greedy and sampled: finished rows leave the batch (fewer rows), a caller's cache takes a second turn
+    prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    free = generate(model, prompts, max_new_tokens=12)
+    stops = [free[0][1], free[1][3], free[2][2]]                                  # rows 0, 1 and 2 end early
+
+    def conversation(**kw):
+        cache = KVCache(model.args, 4, 60, torch.float32, "cpu")
+        first = generate(model, prompts, max_new_tokens=12, stop_ids=stops, cache=cache, **kw)
+        return first, generate(model, [[30, 31]] * 4, max_new_tokens=5, cache=cache, **kw)
+    for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=4)):
+        model_module.compile_for_inference(model, False)
+        eager_turns = conversation(**kw)
+        model_module.compile_for_inference(model)
+        calls.clear()
+        assert conversation(**kw) == eager_turns
+        assert kw or {shape[0] for shape in calls} >= {4, 2, 1}                 # greedy: three rows end early
+
     # bf16 with 4-bit codes that are not the weights' own (random): the compiled step reads the codes
     b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
     layers = [m for b in b16.layers for m in b.modules() if isinstance(m, model_module.Linear)]
