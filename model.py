@@ -637,16 +637,17 @@ class Llama(nn.Module):
         emb = torch.cat((angles, angles), dim=-1)[:, None]                             # (B, 1, T, hd)
         x = self.embed_tokens(tokens)                                                  # (B, T, dim)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        if (self.compiled and T == 1 and cache is not None and cache.shared is None and not torch.is_grad_enabled()
-                and self._int4_codes_current()):
+        compiled = self.compiled and not torch.is_grad_enabled()
+        if compiled and T == 1 and cache is not None and cache.shared is None and self._int4_codes_current():
             x = self._compiled_step(x, cos, sin, cache)                  # as the loop below, its own mask
-        elif self.compiled and B * T > COMPILED_MIN_ROWS and not torch.is_grad_enabled():
-            mask = self._attention_mask(real, cache, pad_mask is not None)
-            x = self._compiled_blocks(x, cos, sin, mask, cache, last_only)               # as the loop below
         else:
             mask = self._attention_mask(real, cache, pad_mask is not None)
-            for i, block in enumerate(self.layers):                                   # (B, T, dim), the last
-                x = block(x, cos, sin, mask, cache, last_only and i == len(self.layers) - 1)   # (B, 1, dim) with last_only
+            if compiled and B * T > COMPILED_MIN_ROWS:
+                x = self._compiled_blocks(x, cos, sin, mask, cache, last_only)           # as the loop below
+            else:
+                for i, block in enumerate(self.layers):                               # (B, T, dim), the last
+                    last = last_only and i == len(self.layers) - 1
+                    x = block(x, cos, sin, mask, cache, last)                         # (B, 1, dim) with last_only
         if cache is not None:
             cache.valid[:, past:past + T] = real
             cache.next_pos += real.sum(1)

@@ -628,8 +628,11 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
         return torch.cat(out, 1), cache
     eager, eager_cache = run(model, 19)
     calls = []
-    monkeypatch.setattr(model, "_compiled_step", lambda x, *a: calls.append(x.shape)
-                        or model_module.Llama._compiled_step(model, x, *a))
+
+    def spy_on_steps(m):                                   # the shapes of m's compiled steps go in `calls`
+        monkeypatch.setattr(m, "_compiled_step", lambda x, *a: calls.append(x.shape)
+                            or model_module.Llama._compiled_step(m, x, *a))
+    spy_on_steps(model)
     assert model_module.compile_for_inference(model) is None
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -679,8 +682,7 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     with torch.no_grad():
         layers[0].weight.mul_(-1)                                                 # in place, as a LoRA merge
     calls.clear()
-    monkeypatch.setattr(b16, "_compiled_step", lambda x, *a: calls.append(x.shape)
-                        or model_module.Llama._compiled_step(b16, x, *a))
+    spy_on_steps(b16)
     model_module.compile_for_inference(b16, False)
     stale_eager = run(b16, 19, torch.bfloat16)[0]
     model_module.compile_for_inference(b16)
