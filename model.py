@@ -279,9 +279,10 @@ INT4_MAX_ROWS = 12
 # inductor's freezing does; F.linear reorders the weight again on every call. The same products (bitwise
 # equal, or one bf16 rounding apart). SmolLM2's 210 block linears in bf16 on the 2-core Xeon: 15.0 against
 # 21.1-24.5 ms at 16 rows, 157-162 against 174 ms at 1,100 rows. `generate` at batch 16 1.15x faster, an
-# eager 1,100-token prefill 0.99x (medians of 8 alternating pairs). Products of up to INT4_MAX_ROWS rows keep
-# to the 4-bit codes or `linear`: the LM head reordered (1.4 against 1.7 ms alone at 1 row) left generate's
-# batch-1 steps as they were (589 against 591 ms for 31 steps, medians of 10 alternating pairs).
+# eager 1,100-token prefill 0.99x (medians of 8 alternating pairs). Products that read 4-bit codes keep to
+# them; every other product takes the copy, from one row up: SmolLM2's LM head alone 1.25 against 1.40-1.52
+# ms through `linear` at 1 row, 1.21-1.27 against 1.96-2.07 ms at 4 rows (a step with 3 guesses); compiled
+# `generate` at batch 1 1.06x faster with 3 guesses, 1.0x without (medians of 6 alternating pairs).
 ONEDNN_KERNELS = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
@@ -306,7 +307,7 @@ class Linear(nn.Linear):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), stored[0], 32, stored[1])
             y = y.view(*x.shape[:-1], -1)                                           # (..., out)
             return y if self.bias is None else y + self.bias
-        if (self.onednn and x.numel() > INT4_MAX_ROWS * x.shape[-1] and x.dtype == self.weight.dtype == torch.bfloat16
+        if (self.onednn and x.dtype == self.weight.dtype == torch.bfloat16
                 and x.device.type == "cpu" and not torch.is_grad_enabled()):
             if torch.compiler.is_compiling():          # one graph serves every layer: the op finds the copy by the weight
                 return onednn_linear(x, self.weight, self.bias)
@@ -382,7 +383,7 @@ def set_fp16_weights(model: nn.Module, on: bool = True) -> int:
 
 def set_onednn_weights(model: nn.Module, on: bool = True) -> int:
     """Inference in bf16 on a CPU with copies of every linear's weight reordered for oneDNN (see
-    ONEDNN_KERNELS), for products of more than INT4_MAX_ROWS rows. The copies cost the weights' memory
+    ONEDNN_KERNELS), for the products that do not read 4-bit codes. The copies cost the weights' memory
     again (SmolLM2: 270 MB), so load_model turns them on for a bf16 model on a CPU only when that fits
     (`fits_in_memory`). Returns the number of layers switched."""
     for m in model.modules():
