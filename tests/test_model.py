@@ -113,9 +113,10 @@ def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path)
     """A bf16 model loaded on a CPU reads weights reordered for oneDNN in every product that reads no
     4-bit codes (this safetensors model has none), from one row up. Reference: F.linear on the weight
     itself, per product (equal, or one bf16 rounding apart) and through the whole model (logits with the
-    copies off). An in-place change of a weight (a LoRA merge) is seen; gradients take the weight; fp32
-    loads and switching off keep none."""
-    from model import INT4_MAX_ROWS, Linear, set_onednn_weights
+    copies off). Linears of one input (q|k|v, gate|up) take one product with their weights stacked
+    (fused_linears), split into each one's product. An in-place change of a weight (a LoRA merge) is seen;
+    gradients take the weight; fp32 loads and switching off keep none."""
+    from model import INT4_MAX_ROWS, Linear, fused_linears, set_onednn_weights
     save_tiny_llama(tmp_path)
     model, _ = load_model(tmp_path, dtype=torch.bfloat16, device="cpu")
     layers = [m for m in model.modules() if isinstance(m, Linear)]
@@ -123,10 +124,11 @@ def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path)
     q = model.layers[0].self_attn.q_proj
     x = torch.randn(2, INT4_MAX_ROWS, q.in_features).bfloat16()
 
-    def close_to_f_linear(y, x):                                    # at most one bf16 rounding (2^-8) apart
-        ref = F.linear(x.float(), q.weight.float())
+    def close_to_f_linear(y, x, weight=None):                      # at most one bf16 rounding (2^-8) apart
+        weight = q.weight if weight is None else weight
+        ref = F.linear(x.float(), weight.float())
         assert (y.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max(), "not the weight's product"
-        assert (y.float() - F.linear(x, q.weight).float()).abs().max() <= 2 ** -7 * ref.abs().max()
+        assert (y.float() - F.linear(x, weight).float()).abs().max() <= 2 ** -7 * ref.abs().max()
     with torch.no_grad():
         close_to_f_linear(q(x), x)
         assert "_onednn" in q.__dict__                                            # the reordered copy was read
@@ -136,10 +138,20 @@ def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path)
         del q.__dict__["_onednn"]
         close_to_f_linear(q(x[0, :1]), x[0, :1])                                   # one row, as in a decoding step
         assert "_onednn" in q.__dict__                                            # reordered too (no 4-bit codes)
-        close_to_f_linear(model_module.onednn_linear(x, q.weight, None), x)        # the op compiled graphs call
+        close_to_f_linear(model_module.onednn_linear(x, [q.weight], None), x)      # the op compiled graphs call
+        attn = model.layers[0].self_attn
+        qkv = (q, attn.k_proj, attn.v_proj)
+        for _ in range(2):                                                         # k changed in place in between
+            fused = model_module.onednn_linear(x, [m.weight for m in qkv], None)   # (2, 12, q + k + v outs)
+            for y, m in zip((*fused_linears(x, qkv), *fused.split([m.out_features for m in qkv], -1)), qkv * 2):
+                close_to_f_linear(y, x, m.weight)
+            assert "_onednn_fused" in q.__dict__ and "_onednn" not in attn.k_proj.__dict__
+            attn.k_proj.weight.mul_(-1)
         old = q.weight
         q.weight = torch.nn.Parameter(old.detach().clone(), requires_grad=False)   # a new weight: the op
-        assert torch.equal(model_module.onednn_linear(x, old, None), F.linear(x, old))   # falls back to F.linear
+        assert torch.equal(model_module.onednn_linear(x, [old], None), F.linear(x, old))   # falls back to F.linear
+        assert torch.equal(model_module.onednn_linear(x, [old, attn.k_proj.weight], None),
+                           F.linear(x, torch.cat((old, attn.k_proj.weight))))
         q.weight = old
     twin = copy.deepcopy(q)                                    # copies leave the opaque reordered weight out
     with torch.no_grad():
@@ -149,9 +161,13 @@ def test_onednn_weights_give_f_linears_products_and_follow_the_weights(tmp_path)
     assert torch.equal(y, F.linear(xg, q.weight)) and y.requires_grad          # training: the weight itself
     tokens = torch.randint(0, model.args.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
+        model.layers[0].self_attn.q_proj.__dict__.pop("_onednn")
         on = model(tokens)
-        assert sum("_onednn" in m.__dict__ for m in layers) == len(layers)
-        assert set_onednn_weights(model, False) == 0 and not any("_onednn" in m.__dict__ for m in layers)
+        copies = [[name for name in Linear.PACKED["onednn"] if name in m.__dict__] for m in layers]
+        one_block = [["_onednn_fused"], [], [], ["_onednn"], ["_onednn_fused"], [], ["_onednn"]]   # q k v o gate up down
+        assert copies == one_block * 2 + [["_onednn"]]                          # and the LM head
+        assert set_onednn_weights(model, False) == 0
+        assert not any(name in m.__dict__ for m in layers for name in Linear.PACKED["onednn"])
         off = model(tokens)
     torch.testing.assert_close(on.float(), off.float(), atol=0.05, rtol=0.02)
     fp32, _ = load_model(tmp_path, dtype=torch.float32, device="cpu")
