@@ -392,7 +392,7 @@ def fused_linears(x, layers):
     take its oneDNN copy (Linear.reads_onednn), one product with their weights stacked instead, split after:
     bigger products use the memory better. SmolLM2's 30 blocks in bf16 on the 2-core Xeon, 4 products per
     block instead of 7: 13.6 against 15.8 ms at 16 rows, 18.8 against 20.9 ms at 64 (medians of 15). Compiled
-    `generate` at batch 16 1.08x faster; a 1,100-token prefill unchanged, 1.00x (medians of 8 alternating pairs)."""
+    `generate` at batch 16 1.08x faster; a 1,100-token prefill unchanged, 0.99x (medians of 8 alternating pairs)."""
     if len(layers) > 1 and all(type(m) is Linear and m.reads_onednn(x) and not m.reads_int4(x) for m in layers):
         if torch.compiler.is_compiling():
             y = onednn_linear(x, [m.weight for m in layers], None)
