@@ -306,9 +306,7 @@ class Linear(nn.Linear):
             y = y.view(*x.shape[:-1], -1)                                           # (..., out)
             return y if self.bias is None else y + self.bias
         if self.reads_onednn(x):
-            if torch.compiler.is_compiling():          # one graph serves every layer: the op finds the copy by the weight
-                return onednn_linear(x, [self.weight], self.bias)
-            return torch.ops.mkldnn._linear_pointwise(x, self.onednn_weight(), self.bias, "none", [], "")
+            return onednn_product(x, [self], self.bias)
         return linear(x, self.weight, self.bias)
 
     def reads_int4(self, x) -> bool:
@@ -379,12 +377,20 @@ def onednn_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tens
     layers = [_LINEAR_OF_WEIGHT.get(id(w), lambda: None)() for w in weights]
     if any(layer is None or layer.weight is not w for layer, w in zip(layers, weights)):
         return F.linear(x, torch.cat(weights), bias)
-    return torch.ops.mkldnn._linear_pointwise(x, layers[0].onednn_weight(*layers[1:]), bias, "none", [], "")
+    return onednn_product(x, layers, bias)
 
 
 @onednn_linear.register_fake
 def _(x, weights, bias):
     return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))          # (..., out)
+
+
+def onednn_product(x, layers, bias=None):
+    """x times the weights of `layers` stacked (one Linear, or several of one input), through their oneDNN copy:
+    (..., in) -> (..., sum of their outs). Inside a compiled graph, which serves every layer, through the op."""
+    if torch.compiler.is_compiling():
+        return onednn_linear(x, [m.weight for m in layers], bias)
+    return torch.ops.mkldnn._linear_pointwise(x, layers[0].onednn_weight(*layers[1:]), bias, "none", [], "")
 
 
 def fused_linears(x, layers):
@@ -394,11 +400,7 @@ def fused_linears(x, layers):
     block instead of 7: 13.6 against 15.8 ms at 16 rows, 18.8 against 20.9 ms at 64 (medians of 15). Compiled
     `generate` at batch 16 1.08x faster; a 1,100-token prefill unchanged, 0.99x (medians of 8 alternating pairs)."""
     if len(layers) > 1 and all(type(m) is Linear and m.reads_onednn(x) and not m.reads_int4(x) for m in layers):
-        if torch.compiler.is_compiling():
-            y = onednn_linear(x, [m.weight for m in layers], None)
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x, layers[0].onednn_weight(*layers[1:]), None, "none", [], "")
-        return y.split([m.out_features for m in layers], -1)                  # views of (..., sum of outs)
+        return onednn_product(x, layers).split([m.out_features for m in layers], -1)   # views of (..., sum of outs)
     return [m(x) for m in layers]
 
 
@@ -432,8 +434,9 @@ def _switch_packed_weights(model: nn.Module, switch: str, on: bool) -> int:
     layers = [m for m in model.modules() if isinstance(m, Linear)]
     for m in layers:
         setattr(m, switch, on)
-        for name in Linear.PACKED[switch] if not on else ():
-            m.__dict__.pop(name, None)
+        if not on:
+            for name in Linear.PACKED[switch]:
+                m.__dict__.pop(name, None)
     return len(layers) if on else 0
 
 
