@@ -213,6 +213,7 @@ def compile_for_training(model, dynamic=None) -> int:
     first = 0 if model.embed_tokens.weight.requires_grad else 1
     for block in model.layers[first:]:
         block.forward = _compiled_training_forward(block, torch.compile(block.forward, dynamic=dynamic))
+    model.compiled_training = True                    # loss.lm_loss compiles its cross-entropy chunks too
     return len(model.layers) - first
 
 

@@ -655,6 +655,7 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
 
     compiled = False       # compiled inference (compile_for_inference): _compiled_step, _compiled_blocks
+    compiled_training = False  # blocks compiled for training (lora.compile_for_training); lm_loss's chunks too
     int4_layers = ()       # the Linears with 4-bit codes when compile_for_inference was called
 
     def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False, head=True):
