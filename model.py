@@ -78,6 +78,12 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     return inv_freq.float()
 
 
+def heads(x, n):
+    """x: (B, T, n * hd), n heads side by side -> (B, n, T, hd)."""
+    B, T, _ = x.shape
+    return x.view(B, T, n, -1).transpose(1, 2)
+
+
 def apply_rope(x, cos, sin):
     """x: (B, H, T, hd); cos, sin: (B, 1, T, hd). Hugging Face's half-split rotation."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -275,6 +281,13 @@ FP16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines
 INT4_KERNELS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 INT4_MAX_ROWS = 12
 
+
+def int4_product(x, packed, scale_zero):
+    """x (..., in) times a weight kept as 4-bit codes (Linear.keep_int4) -> (..., out). packed: (out, in/2)
+    uint8; scale_zero: (in/32, out, 2)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, 32, scale_zero)
+    return y.view(*x.shape[:-1], -1)
+
 # oneDNN's bf16 matmul on a weight reordered once into its blocked layout (AMX / AVX-512 tiles), as
 # inductor's freezing does; F.linear reorders the weight again on every call. The same products (bitwise
 # equal, or one bf16 rounding apart). SmolLM2's 210 block linears in bf16 on the 2-core Xeon: 15.0 against
@@ -301,9 +314,7 @@ class Linear(nn.Linear):
             y = torch.ops.quantized.linear_dynamic_fp16(x, self.packed_fp16())      # (..., out)
             return y if self.bias is None else y + self.bias
         if self.reads_int4(x):
-            packed, scale_zero, _ = self._int4
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, 32, scale_zero)
-            y = y.view(*x.shape[:-1], -1)                                           # (..., out)
+            y = int4_product(x, *self._int4[:2])                                    # (..., out)
             return y if self.bias is None else y + self.bias
         if self.reads_onednn(x):
             return onednn_product(x, [self], self.bias)
@@ -311,7 +322,7 @@ class Linear(nn.Linear):
 
     def reads_int4(self, x) -> bool:
         """Whether the product with x reads the kept 4-bit codes: inference of a few bf16 rows, while the codes
-        match the weight (compiled steps check that before their graph runs, Llama._int4_codes_current)."""
+        match the weight (compiled decoding steps check that before their graph runs, Llama._int4_codes_current)."""
         stored = self.__dict__.get("_int4")
         return (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == stored[1].dtype
                 and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or stored[2] == version_key(self.weight)))
@@ -459,14 +470,19 @@ def set_int4_weights(model: nn.Module, on: bool = True) -> int:
     return len(layers)
 
 
+def rms_norm(x, weight, eps):
+    """x: (..., dim) scaled to unit root mean square (in fp32), times weight (dim,)."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -482,11 +498,8 @@ class Attention(nn.Module):
     # around attend, which alone touches the KV cache.
     def project(self, x, cos, sin):
         """x: (B, T, dim) -> the rotated queries and keys, and the values, of its tokens."""
-        B, T, _ = x.shape
         q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, KVH, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)               # (B, KVH, T, hd)
+        q, k, v = heads(q, self.n_heads), heads(k, self.n_kv_heads), heads(v, self.n_kv_heads)  # (B, H or KVH, T, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask, cache: KVCache | None, last_only=False):
@@ -516,16 +529,16 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)  # (B, H, T, hd)
         return y.transpose(1, 2).reshape(B, T, -1)
 
-    def attend_in_slot(self, q, k, v, k_cache, v_cache, slot, mask):
-        """One new token per row (a compiled decoding step, Llama.decode_blocks): its key and value go in slot
-        `slot` (1,) of this layer's cache, then its query attends to the slots the mask allows.
-        q: (B, H, 1, hd); k, v: (B, KVH, 1, hd); k_cache, v_cache: (B, KVH, S, hd); mask: (B, 1, 1, S) bool
-        -> (B, 1, H * hd)."""
-        k_cache.index_copy_(2, slot, k)
-        v_cache.index_copy_(2, slot, v)
-        gqa = self.n_heads != self.n_kv_heads
-        y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=gqa)   # (B, H, 1, hd)
-        return y.transpose(1, 2).reshape(q.shape[0], 1, -1)
+
+def attend_in_slot(q, k, v, k_cache, v_cache, slot, mask):
+    """One new token per row (a compiled decoding step, Llama.decode_blocks): its key and value go in slot `slot` (1,)
+    of the layer's cache, then its query attends to the slots the mask allows. q: (B, H, 1, hd); k, v:
+    (B, KVH, 1, hd); k_cache, v_cache: (B, KVH, S, hd); mask: (B, 1, 1, S) bool -> (B, 1, H * hd)."""
+    k_cache.index_copy_(2, slot, k)
+    v_cache.index_copy_(2, slot, v)
+    gqa = q.shape[1] != k.shape[1]
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=gqa)   # (B, H, 1, hd)
+    return y.transpose(1, 2).reshape(q.shape[0], 1, -1)
 
 
 class MLP(nn.Module):
@@ -599,11 +612,56 @@ def _compiled_parts():
 
 @functools.cache
 def _compiled_decode(device_type: str):
-    """Llama.decode_blocks compiled as one graph: a whole decoding step without Python between its ~400
-    kernels, and on a CPU with inductor's C++ wrapper (no Python between the kernels either). Symbolic batch
-    and cache lengths (one graph for one row, one for a few, one for many), the graph serves every model."""
-    return torch.compile(Llama.decode_blocks, dynamic=True, fullgraph=True,
-                         options={"cpp_wrapper": device_type == "cpu"})
+    """Llama.decode_blocks compiled as one graph: a whole decoding step without Python between its ~400 kernels,
+    and on a CPU with inductor's C++ wrapper (no Python between the kernels either). Symbolic batch and cache
+    lengths (one graph for one row, one for a few, one for many), the graph serves every model."""
+    return torch.compile(Llama.decode_blocks, dynamic=True, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
+
+
+# The products of a block in a compiled decoding step: the Linears of one input stacked (as fused_linears).
+BLOCK_PRODUCTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def block_product(x, i, weights, codes, onednn: bool):
+    """x (B, 1, in) times layer i's weights of one kind of BLOCK_PRODUCTS, stacked -> (B, 1, sum of their outs),
+    in a compiled decoding step. Up to INT4_MAX_ROWS rows it reads their 4-bit codes (codes: a list of
+    (packed (L, out, in/2), scale_zero (L, in/32, out, 2)), each stacked over the layers, for all the weights
+    of the kind at once or one each; None if the weights have no codes); else their oneDNN copy (`onednn`:
+    bf16 inference on a CPU, set_onednn_weights); else F.linear each. weights[i]: layer i's weights of the kind."""
+    if codes is not None and x.shape[0] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype:
+        ys = [int4_product(x, packed[i], scale_zero[i]) for packed, scale_zero in codes]
+    elif onednn:
+        return onednn_linear(x, weights[i], None)
+    else:
+        ys = [linear(x, w) for w in weights[i]]
+    return ys[0] if len(ys) == 1 else torch.cat(ys, -1)
+
+
+# _convert_weight_to_int4pack_for_cpu packs the codes in blocks of 64 rows: the packed codes of weights whose
+# outs are multiples of it, stacked, are the codes of the stacked weights
+INT4_PACK_ROWS = 64
+
+
+def decode_inputs(model: nn.Module):
+    """What a compiled decoding step reads (Llama.decode_blocks), gathered from the model's modules: per kind of
+    BLOCK_PRODUCTS each layer's weights; when every one of them has 4-bit codes, the codes stacked over the
+    layers (a copy: 66 MB for SmolLM2), the kind's weights' together where their packing allows (one product
+    for q|k|v and one for gate|up: SmolLM2's 210 block products at 1 row took 3.0 against 3.4 ms alone), else
+    None; each layer's two RMSNorm weights."""
+    linears = [[[b.get_submodule(name) for name in names] for b in model.layers] for names in BLOCK_PRODUCTS]
+    weights = [[[m.weight for m in ms] for ms in per_layer] for per_layer in linears]
+    codes = None
+    if all(m.__dict__.get("_int4") is not None for per_layer in linears for ms in per_layer for m in ms):
+        codes = []
+        for per_layer in linears:                                    # one kind: per layer, its Linears
+            together = all(m.out_features % INT4_PACK_ROWS == 0 for m in per_layer[0])
+            groups = [range(len(per_layer[0]))] if together else [[j] for j in range(len(per_layer[0]))]
+            codes.append([(torch.stack([torch.cat([ms[j]._int4[0] for j in g]) for ms in per_layer]),     # (L, out, in/2)
+                           torch.stack([torch.cat([ms[j]._int4[1] for j in g], 1) for ms in per_layer]))  # (L, in/32, out, 2)
+                          for g in groups])
+    norms = [(b.input_layernorm.weight, b.post_attention_layernorm.weight) for b in model.layers]
+    return weights, codes, norms
 
 
 def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
@@ -616,6 +674,8 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     Other forwards (steps with guesses, a few rows without a cache) stay eager.
     Compiling takes ~5-15 s per new kind of call (one batch row, a few or many) on 2 cores, ~1 s from
     inductor's disk cache; the first decoding step's graph (C++ wrapper) takes 2-4 min, then ~10 s.
+    The decoding step reads the weights gathered here (decode_inputs): call this again after replacing any of
+    the model's modules or parameters (in-place changes of the weights are seen).
     Returns None once on, else why it cannot be: no compiler; blocks with LoRA or NF4 layers (which
     compile_for_training covers for training); fp16 weight copies (set_fp16_weights: fbgemm's packed
     weights split the graphs)."""
@@ -630,6 +690,7 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     # the layers whose 4-bit codes a compiled decoding step reads (Llama._int4_codes_current checks them before
     # each step; listed once, since walking the modules every step cost ~1.5 ms of a 14-ms batch-1 step)
     model.int4_layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
+    model.decode_inputs = decode_inputs(model) if model.compiled else None
     return why_not if on else None
 
 
@@ -657,6 +718,7 @@ class Llama(nn.Module):
     compiled = False       # compiled inference (compile_for_inference): _compiled_step, _compiled_blocks
     compiled_training = False  # blocks compiled for training (lora.compile_for_training); lm_loss's chunks too
     int4_layers = ()       # the Linears with 4-bit codes when compile_for_inference was called
+    decode_inputs = None   # what its compiled decoding steps read, gathered then (decode_inputs)
 
     def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False, head=True):
         """tokens: (B, T) ids; pad_mask: (B, T) bool, True for real tokens (None = all real).
@@ -721,19 +783,37 @@ class Llama(nn.Module):
         allowed[:, cache.length] = True                                               # the token's own slot
         allowed[:, cache.length + 1:] = False
         slot = torch.tensor([cache.length], device=x.device)
-        return _compiled_decode(x.device.type)(self, x, cos, sin, allowed[:, None, None], cache.k, cache.v, slot)
+        weights, codes, norms = self.decode_inputs
+        codes = codes if all(m.int4 for m in self.int4_layers) else None                # set_int4_weights
+        onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
+        return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin,
+                                               allowed[:, None, None], cache.k, cache.v, slot)
 
     def _int4_codes_current(self):
         """Whether every kept set of 4-bit codes still matches its weight: the compiled step reads them without
         Linear.forward's check (a weight changed in place, e.g. by a LoRA merge, sends the step to eager)."""
         return all(m._int4[2] == version_key(m.weight) for m in self.int4_layers)
 
-    def decode_blocks(self, x, cos, sin, mask, ks, vs, slot):
-        """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, 1, dim) -> (B, 1, dim).
-        ks, vs: every layer's cache (B, KVH, S, hd), written in slot `slot` (1,); mask: (B, 1, 1, S)."""
-        for block, k_cache, v_cache in zip(self.layers, ks, vs):
-            q, k, v = block.before_attention(x, cos, sin)
-            x = block.after_attention(x, block.self_attn.attend_in_slot(q, k, v, k_cache, v_cache, slot, mask))
+    def decode_blocks(self, weights, codes, norms, onednn: bool, x, cos, sin, mask, ks, vs, slot):
+        """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, 1, dim) -> (B, 1, dim), as
+        Block.forward layer after layer. It reads lists of tensors gathered from the modules once (decode_inputs)
+        and the model's args (whose ints the graph takes as constants), not the modules: before each call dynamo
+        checks guards on the path to every input, and through the modules SmolLM2's batch-1 step spent 1.2 of its
+        ~12 ms there (torch.profiler), 0.2 ms this way.
+        weights[p], codes[p]: see block_product, for the p-th kind of BLOCK_PRODUCTS (q|k|v, o, gate|up, down);
+        norms[i]: layer i's input and post-attention RMSNorm weights; ks, vs: every layer's cache (B, KVH, S, hd),
+        written in slot `slot` (1,); mask: (B, 1, 1, S)."""
+        def product(p, i, h):
+            return block_product(h, i, weights[p], None if codes is None else codes[p], onednn)
+        args = self.args
+        kv = args.n_kv_heads * args.head_dim                                         # the size of k, and of v
+        for i, (k_cache, v_cache) in enumerate(zip(ks, vs)):
+            q, k, v = product(0, i, rms_norm(x, norms[i][0], args.norm_eps)).split([args.n_heads * args.head_dim, kv, kv], -1)
+            q, k, v = heads(q, args.n_heads), heads(k, args.n_kv_heads), heads(v, args.n_kv_heads)   # (B, H or KVH, 1, hd)
+            y = attend_in_slot(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, k_cache, v_cache, slot, mask)
+            x = x + product(1, i, y)                                                   # (B, 1, dim)
+            gate, up = product(2, i, rms_norm(x, norms[i][1], args.norm_eps)).chunk(2, -1)
+            x = x + product(3, i, F.silu(gate) * up)
         return x
 
     @staticmethod

@@ -627,7 +627,8 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     """compile_for_inference runs a decoding step (one new token per row after a cache) as one compiled graph
     (Llama._compiled_step): padded rows, a finished row's padding token and the unfilled slots are masked as
     eagerly, with the same logits and cache (fp32); one graph serves every cache length. In bf16 the graph
-    reads the kept 4-bit codes, and a weight changed in place since sends the step back to eager."""
+    reads the kept 4-bit codes (or the weights, with set_int4_weights off), and a weight changed in place
+    since sends the step back to eager."""
     model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
     g = torch.Generator().manual_seed(0)
     V = model.args.vocab_size
@@ -695,9 +696,15 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     with_weights = run(b16, 19, torch.bfloat16)[0].float()
     set_int4_weights(b16, True)
     assert model_module.compile_for_inference(b16) is None
+    # the step reads the codes stacked over the layers: gate|up as one product (outs of 128, a multiple of the
+    # kernel's 64-row packing), q|k|v one each (k and v have 32 outs)
+    assert [len(kind) for kind in b16.decode_inputs[1]] == [3, 1, 1, 1]
     compiled = run(b16, 19, torch.bfloat16)[0].float()
     torch.testing.assert_close(compiled, with_codes, atol=0.05, rtol=0.02)
     assert (compiled[:, 1:] - with_weights[:, 1:]).abs().max() > 0.5          # the steps differ from the weights'
+    set_int4_weights(b16, False)                                   # the compiled step reads the weights instead
+    torch.testing.assert_close(run(b16, 19, torch.bfloat16)[0].float(), with_weights, atol=0.05, rtol=0.02)
+    set_int4_weights(b16, True)
     with torch.no_grad():
         layers[0].weight.mul_(-1)                                                 # in place, as a LoRA merge
     calls.clear()
