@@ -23,6 +23,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -322,7 +323,7 @@ class Linear(nn.Linear):
 
     def reads_int4(self, x) -> bool:
         """Whether the product with x reads the kept 4-bit codes: inference of a few bf16 rows, while the codes
-        match the weight (compiled decoding steps check that before their graph runs, Llama._int4_codes_current)."""
+        match the weight (inside a compiled graph, which cannot check that, they are taken as current)."""
         stored = self.__dict__.get("_int4")
         return (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == stored[1].dtype
                 and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or stored[2] == version_key(self.weight)))
@@ -643,16 +644,23 @@ def block_product(x, i, weights, codes, onednn: bool):
 INT4_PACK_ROWS = 64
 
 
-def decode_inputs(model: nn.Module):
-    """What a compiled decoding step reads (Llama.decode_blocks), gathered from the model's modules: per kind of
-    BLOCK_PRODUCTS each layer's weights; when every one of them has 4-bit codes, the codes stacked over the
-    layers (a copy: 66 MB for SmolLM2), the kind's weights' together where their packing allows (one product
-    for q|k|v and one for gate|up: SmolLM2's 210 block products at 1 row took 3.0 against 3.4 ms alone), else
-    None; each layer's two RMSNorm weights."""
+class DecodeInputs(NamedTuple):
+    """What a compiled decoding step reads (Llama.decode_blocks), gathered from the modules (decode_inputs)."""
+    weights: list          # per kind of BLOCK_PRODUCTS, per layer, the weights of its Linears
+    codes: list | None     # per kind, their 4-bit codes stacked over the layers (see block_product), or None
+    norms: list            # per layer, its input and post-attention RMSNorm weights
+    key: tuple             # version_key of every block weight then: the codes are current while it holds
+
+
+def decode_inputs(model: nn.Module) -> DecodeInputs:
+    """Gather what a compiled decoding step reads. When every block weight has current 4-bit codes, they are
+    stacked over the layers (a copy: 66 MB for SmolLM2), the codes of a kind's weights together where their
+    packing allows: one product for q|k|v and one for gate|up (SmolLM2's 210 block products at 1 row took 3.0
+    against 3.4 ms alone)."""
     linears = [[[b.get_submodule(name) for name in names] for b in model.layers] for names in BLOCK_PRODUCTS]
-    weights = [[[m.weight for m in ms] for ms in per_layer] for per_layer in linears]
+    every = [m for per_layer in linears for ms in per_layer for m in ms]
     codes = None
-    if all(m.__dict__.get("_int4") is not None for per_layer in linears for ms in per_layer for m in ms):
+    if all(m.__dict__.get("_int4") is not None and m._int4[2] == version_key(m.weight) for m in every):
         codes = []
         for per_layer in linears:                                    # one kind: per layer, its Linears
             together = all(m.out_features % INT4_PACK_ROWS == 0 for m in per_layer[0])
@@ -660,8 +668,9 @@ def decode_inputs(model: nn.Module):
             codes.append([(torch.stack([torch.cat([ms[j]._int4[0] for j in g]) for ms in per_layer]),     # (L, out, in/2)
                            torch.stack([torch.cat([ms[j]._int4[1] for j in g], 1) for ms in per_layer]))  # (L, in/32, out, 2)
                           for g in groups])
+    weights = [[[m.weight for m in ms] for ms in per_layer] for per_layer in linears]
     norms = [(b.input_layernorm.weight, b.post_attention_layernorm.weight) for b in model.layers]
-    return weights, codes, norms
+    return DecodeInputs(weights, codes, norms, version_key(*(m.weight for m in every)))
 
 
 def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
@@ -687,8 +696,8 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     elif any(m.fp16 for b in blocks for m in b.modules() if isinstance(m, Linear)):
         why_not = "its fp16 weight copies (set_fp16_weights) do not compile; turn them off first"
     model.compiled = on and why_not is None
-    # the layers whose 4-bit codes a compiled decoding step reads (Llama._int4_codes_current checks them before
-    # each step; listed once, since walking the modules every step cost ~1.5 ms of a 14-ms batch-1 step)
+    # the layers with 4-bit codes (whose switch, set_int4_weights, a compiled decoding step follows; listed once,
+    # since walking the modules every step cost ~1.5 ms of a 14-ms batch-1 step)
     model.int4_layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
     model.decode_inputs = decode_inputs(model) if model.compiled else None
     return why_not if on else None
@@ -739,7 +748,7 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)                                                  # (B, T, dim)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         compiled = self.compiled and not torch.is_grad_enabled()
-        if compiled and T == 1 and cache is not None and cache.shared is None and self._int4_codes_current():
+        if compiled and T == 1 and cache is not None and cache.shared is None and self._decode_codes_current():
             x = self._compiled_step(x, cos, sin, cache)                  # as the loop below, its own mask
         else:
             mask = self._attention_mask(real, cache, pad_mask is not None)
@@ -783,16 +792,18 @@ class Llama(nn.Module):
         allowed[:, cache.length] = True                                               # the token's own slot
         allowed[:, cache.length + 1:] = False
         slot = torch.tensor([cache.length], device=x.device)
-        weights, codes, norms = self.decode_inputs
+        weights, codes, norms, _ = self.decode_inputs
         codes = codes if all(m.int4 for m in self.int4_layers) else None                # set_int4_weights
         onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
         return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin,
                                                allowed[:, None, None], cache.k, cache.v, slot)
 
-    def _int4_codes_current(self):
-        """Whether every kept set of 4-bit codes still matches its weight: the compiled step reads them without
-        Linear.forward's check (a weight changed in place, e.g. by a LoRA merge, sends the step to eager)."""
-        return all(m._int4[2] == version_key(m.weight) for m in self.int4_layers)
+    def _decode_codes_current(self):
+        """Whether the 4-bit codes that compiled decoding steps read still match the weights: a weight changed in
+        place since (e.g. by a LoRA merge) sends the steps to eager, where Linear.forward checks each Linear.
+        version_key over the gathered weights takes 34 us per step, the check of each Linear took 235 us."""
+        weights, codes, _, key = self.decode_inputs
+        return codes is None or version_key(*(w for kind in weights for ws in kind for w in ws)) == key
 
     def decode_blocks(self, weights, codes, norms, onednn: bool, x, cos, sin, mask, ks, vs, slot):
         """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, 1, dim) -> (B, 1, dim), as
