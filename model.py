@@ -531,15 +531,16 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
-def attend_in_slot(q, k, v, k_cache, v_cache, slot, mask):
-    """One new token per row (a compiled decoding step, Llama.decode_blocks): its key and value go in slot `slot` (1,)
-    of the layer's cache, then its query attends to the slots the mask allows. q: (B, H, 1, hd); k, v:
-    (B, KVH, 1, hd); k_cache, v_cache: (B, KVH, S, hd); mask: (B, 1, 1, S) bool -> (B, 1, H * hd)."""
-    k_cache.index_copy_(2, slot, k)
-    v_cache.index_copy_(2, slot, v)
+def attend_in_slot(q, k, v, k_cache, v_cache, slots, mask):
+    """T new tokens per row (a compiled decoding step, Llama.decode_blocks: one token, or one and its guesses): their
+    keys and values go in slots `slots` (T,) of the layer's cache, then their queries attend to the slots the mask
+    allows. q: (B, H, T, hd); k, v: (B, KVH, T, hd); k_cache, v_cache: (B, KVH, S, hd); mask: (B, 1, T, S) bool
+    -> (B, T, H * hd)."""
+    k_cache.index_copy_(2, slots, k)
+    v_cache.index_copy_(2, slots, v)
     gqa = q.shape[1] != k.shape[1]
-    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=gqa)   # (B, H, 1, hd)
-    return y.transpose(1, 2).reshape(q.shape[0], 1, -1)
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=gqa)   # (B, H, T, hd)
+    return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
 class MLP(nn.Module):
@@ -593,13 +594,16 @@ class Block(nn.Module):
         return h, following.before_attention(h, cos, sin)
 
 
-# Inference of more rows than this runs through the compiled blocks (compile_for_inference); steps with guesses
-# stay eager (single-token decoding steps have a graph of their own, Llama._compiled_step). A forward of T
+# Inference of more rows than this runs through the compiled blocks (compile_for_inference; decoding steps have
+# a graph of their own, Llama._compiled_step). A forward of T
 # tokens of SmolLM2 in bf16 on the 2-core Xeon (medians of 15, ms), eager / eager with oneDNN-reordered
 # weights / compiled (each block's two halves, before _compiled_blocks): T=16 51.0 / 45.2 / 51.2, 64 65.5 /
 # 59.2 / 60.3, 128 86.4 / 76.6 / 77.5, 256 133.2 / 123.5 / 114.9, 512 222.0 / 236.2 / 185.8. Batch 16
 # compiled with _compiled_blocks: 1,395 against 1,299 ms eager for 31 steps (medians of 6 alternating pairs).
 COMPILED_MIN_ROWS = 128
+# A forward of up to this many new tokens per row after a cache (a decoding step: one token, or one and its
+# prompt-lookup guesses) runs as one compiled graph (Llama._compiled_step)
+COMPILED_STEP_MAX_TOKENS = 8
 
 
 @functools.cache
@@ -615,7 +619,10 @@ def _compiled_parts():
 def _compiled_decode(device_type: str):
     """Llama.decode_blocks compiled as one graph: a whole decoding step without Python between its ~400 kernels,
     and on a CPU with inductor's C++ wrapper (no Python between the kernels either). Symbolic batch and cache
-    lengths (one graph for one row, one for a few, one for many), the graph serves every model."""
+    lengths (one graph for one row, one for a few, one for many; each for one new token per row, and for more),
+    the graph serves every model. Dynamo compiles one function at most `recompile_limit` times (8 by default):
+    more here, for the kinds of steps of several models or dtypes in one process."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return torch.compile(Llama.decode_blocks, dynamic=True, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
 
 
@@ -625,12 +632,12 @@ BLOCK_PRODUCTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 
 
 
 def block_product(x, i, weights, codes, onednn: bool):
-    """x (B, 1, in) times layer i's weights of one kind of BLOCK_PRODUCTS, stacked -> (B, 1, sum of their outs),
+    """x (B, T, in) times layer i's weights of one kind of BLOCK_PRODUCTS, stacked -> (B, T, sum of their outs),
     in a compiled decoding step. Up to INT4_MAX_ROWS rows it reads their 4-bit codes (codes: a list of
     (packed (L, out, in/2), scale_zero (L, in/32, out, 2)), each stacked over the layers, for all the weights
     of the kind at once or one each; None if the weights have no codes); else their oneDNN copy (`onednn`:
     bf16 inference on a CPU, set_onednn_weights); else F.linear each. weights[i]: layer i's weights of the kind."""
-    if codes is not None and x.shape[0] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype:
+    if codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype:
         ys = [int4_product(x, packed[i], scale_zero[i]) for packed, scale_zero in codes]
     elif onednn:
         return onednn_linear(x, weights[i], None)
@@ -676,14 +683,17 @@ def decode_inputs(model: nn.Module) -> DecodeInputs:
 def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     """Run inference through graphs compiled by inductor, which fuses the element-wise work (RMSNorm, rotary,
     SiLU, residual adds) into a few kernels around the same matmuls:
-    - a decoding step (one new token per row after a cache without a shared prefix) as one graph of the
-      whole step (Llama._compiled_step), which removes PyTorch's per-op and Python overhead: SmolLM2 in bf16
-      on 2 Xeon cores decodes 1.45-1.61x faster at batch 1 in `generate`, 1.17-1.21x at batch 16; its graph
-      reading lists of tensors instead of the modules (decode_blocks), a batch-1 step 1.13-1.33x faster again;
+    - a decoding step (one new token per row after a cache without a shared prefix, or one and its prompt-lookup
+      guesses, up to COMPILED_STEP_MAX_TOKENS) as one graph of the whole step (Llama._compiled_step), which
+      removes PyTorch's per-op and Python overhead: SmolLM2 in bf16 on 2 Xeon cores decodes 1.45-1.61x faster
+      at batch 1 in `generate`, 1.17-1.21x at batch 16; its graph reading lists of tensors instead of the
+      modules (decode_blocks), a batch-1 step 1.13-1.33x faster again; with 3 guesses, batch-1 `generate`
+      1.74-1.75x faster than with eager steps for them;
     - more than COMPILED_MIN_ROWS rows (prefills) through the compiled blocks (Llama._compiled_blocks).
-    Other forwards (steps with guesses, a few rows without a cache) stay eager.
+    Other forwards (steps after a shared prefix, a few rows without a cache) stay eager.
     Compiling takes ~5-15 s per new kind of call (one batch row, a few or many) on 2 cores, ~1 s from
-    inductor's disk cache; the first decoding step's graph (C++ wrapper) takes 2-4 min, then ~10 s.
+    inductor's disk cache; each kind of decoding step's graph (C++ wrapper: one row, a few, many; one new token
+    per row or more) takes 2-4 min the first time, then ~10 s.
     The decoding step reads the weights gathered here (decode_inputs): call this again after replacing any of
     the model's modules or parameters (in-place changes of the weights are seen).
     Returns None once on, else why it cannot be: no compiler; blocks with LoRA or NF4 layers (which
@@ -749,8 +759,9 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)                                                  # (B, T, dim)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         compiled = self.compiled and not torch.is_grad_enabled()
-        if compiled and T == 1 and cache is not None and cache.shared is None and self._decode_codes_current():
-            x = self._compiled_step(x, cos, sin, cache)                  # as the loop below, its own mask
+        if (compiled and T <= COMPILED_STEP_MAX_TOKENS and not last_only and cache is not None and cache.shared is None
+                and self._decode_codes_current()):
+            x = self._compiled_step(x, cos, sin, cache, real)           # as the loop below, its own mask
         else:
             mask = self._attention_mask(real, cache, pad_mask is not None)
             if compiled and B * T > COMPILED_MIN_ROWS:
@@ -785,19 +796,22 @@ class Llama(nn.Module):
             y = block.self_attn.attend(q, k, v, mask, cache)                          # (B, T, H * hd)
             x, (q, k, v) = parts[Block.after_attention_then](block, blocks[i + 1], x, y, cos, sin)
 
-    def _compiled_step(self, x, cos, sin, cache):
-        """The blocks' loop of `forward` for one new token per row after a cache (a decoding step), as one
-        compiled graph (decode_blocks). The graph's keys are all of the cache's slots, so every step of a
-        `generate` call has the same shapes: the token attends to the filled ones and itself, by a mask."""
-        allowed = cache.valid.clone()                                                 # (B, S)
-        allowed[:, cache.length] = True                                               # the token's own slot
-        allowed[:, cache.length + 1:] = False
-        slot = torch.tensor([cache.length], device=x.device)
+    def _compiled_step(self, x, cos, sin, cache, real):
+        """The blocks' loop of `forward` for a decoding step (T new tokens per row after a cache: one, or one and its
+        guesses; real (B, T) marks the real ones), as one compiled graph (decode_blocks). The graph's keys are all
+        of the cache's slots, so every step of a `generate` call has the same shapes: a token attends to the filled
+        slots, the real new tokens up to itself and itself, by a mask (as _attention_mask)."""
+        B, T = real.shape
+        past, new = cache.length, torch.arange(T, device=x.device)
+        allowed = torch.zeros(B, T, cache.max_len, dtype=torch.bool, device=x.device)  # (B, T, S)
+        allowed[:, :, :past] = cache.valid[:, None, :past]
+        allowed[:, :, past:past + T] = (real[:, None, :] & (new <= new[:, None])) | (new == new[:, None])
+        slots = new + past
         weights, codes, norms, _ = self.decode_inputs
         codes = codes if all(m.int4 for m in self.int4_layers) else None                # set_int4_weights
         onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
         return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin,
-                                               allowed[:, None, None], cache.k, cache.v, slot)
+                                               allowed[:, None], cache.k, cache.v, slots)
 
     def _decode_codes_current(self):
         """Whether the 4-bit codes that compiled decoding steps read still match the weights: a weight changed in
@@ -806,24 +820,24 @@ class Llama(nn.Module):
         weights, codes, _, key = self.decode_inputs
         return codes is None or version_key(*(w for kind in weights for ws in kind for w in ws)) == key
 
-    def decode_blocks(self, weights, codes, norms, onednn: bool, x, cos, sin, mask, ks, vs, slot):
-        """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, 1, dim) -> (B, 1, dim), as
+    def decode_blocks(self, weights, codes, norms, onednn: bool, x, cos, sin, mask, ks, vs, slots):
+        """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, T, dim) -> (B, T, dim), as
         Block.forward layer after layer. It reads lists of tensors gathered from the modules once (decode_inputs)
         and the model's args (whose ints the graph takes as constants), not the modules: before each call dynamo
         checks guards on the path to every input, and through the modules SmolLM2's batch-1 step spent 1.2 of its
         ~12 ms there (torch.profiler), 0.2 ms this way.
         weights[p], codes[p]: see block_product, for the p-th kind of BLOCK_PRODUCTS (q|k|v, o, gate|up, down);
         norms[i]: layer i's input and post-attention RMSNorm weights; ks, vs: every layer's cache (B, KVH, S, hd),
-        written in slot `slot` (1,); mask: (B, 1, 1, S)."""
+        written in slots `slots` (T,); mask: (B, 1, T, S)."""
         def product(p, i, h):
             return block_product(h, i, weights[p], None if codes is None else codes[p], onednn)
         args = self.args
         kv = args.n_kv_heads * args.head_dim                                         # the size of k, and of v
         for i, (k_cache, v_cache) in enumerate(zip(ks, vs)):
             q, k, v = product(0, i, rms_norm(x, norms[i][0], args.norm_eps)).split([args.n_heads * args.head_dim, kv, kv], -1)
-            q, k, v = heads(q, args.n_heads), heads(k, args.n_kv_heads), heads(v, args.n_kv_heads)   # (B, H or KVH, 1, hd)
-            y = attend_in_slot(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, k_cache, v_cache, slot, mask)
-            x = x + product(1, i, y)                                                   # (B, 1, dim)
+            q, k, v = heads(q, args.n_heads), heads(k, args.n_kv_heads), heads(v, args.n_kv_heads)   # (B, H or KVH, T, hd)
+            y = attend_in_slot(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, k_cache, v_cache, slots, mask)
+            x = x + product(1, i, y)                                                   # (B, T, dim)
             gate, up = product(2, i, rms_norm(x, norms[i][1], args.norm_eps)).chunk(2, -1)
             x = x + product(3, i, F.silu(gate) * up)
         return x

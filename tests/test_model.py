@@ -624,9 +624,10 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
 
 @pytest.mark.slow
 def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
-    """compile_for_inference runs a decoding step (one new token per row after a cache) as one compiled graph
-    (Llama._compiled_step): padded rows, a finished row's padding token and the unfilled slots are masked as
-    eagerly, with the same logits and cache (fp32); one graph serves every cache length. In bf16 the graph
+    """compile_for_inference runs a decoding step (one new token per row after a cache, or one and its prompt-lookup
+    guesses) as one compiled graph (Llama._compiled_step): padded rows, a finished row's padding token, a row's
+    padding after its guesses and the unfilled slots are masked as eagerly, with the same logits and cache (fp32);
+    one graph serves every cache length. In bf16 the graph
     reads the kept 4-bit codes, stacked over the layers (the weights with set_int4_weights off), and a weight
     changed in place since sends the step back to eager."""
     model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
@@ -638,6 +639,8 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     steps = torch.randint(0, V, (3, 5), generator=g)
     step_real = torch.ones_like(steps, dtype=torch.bool)
     step_real[1, 2:] = False                                            # row 1 finished: padding tokens
+    guesses = torch.randint(0, V, (3, 4), generator=g)            # a step with 3 guesses: row 2 has one guess
+    guess_real = torch.tensor([[True] * 4, [False] * 4, [True, True, False, False]])
 
     def run(m, max_len, dtype=torch.float32):
         with torch.inference_mode():
@@ -645,6 +648,7 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
             out = [m(tokens, cache, pad_mask=real, last_only=True)]                 # eager: 30 rows
             for t in range(steps.shape[1]):
                 out.append(m(steps[:, t:t + 1], cache, pad_mask=step_real[:, t:t + 1]))
+            out.append(m(guesses, cache, pad_mask=guess_real))
         return torch.cat(out, 1), cache
     eager, eager_cache = run(model, 19)
     calls = []
@@ -657,13 +661,13 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled, cache = run(model, 19)
-    assert calls == [(3, 1, model.args.dim)] * steps.shape[1]
+    assert calls == [(3, 1, model.args.dim)] * steps.shape[1] + [(3, 4, model.args.dim)]
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     for c, e in zip(cache.k + cache.v, eager_cache.k + eager_cache.v):
         torch.testing.assert_close(c, e, atol=1e-5, rtol=0)
     assert torch.equal(cache.valid, eager_cache.valid) and torch.equal(cache.next_pos, eager_cache.next_pos)
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs <= 1 and not counters["graph_break"]            # 0 if an earlier test compiled it (3 rows)
+    assert graphs <= 2 and not counters["graph_break"]   # 1 and 4 tokens per row; 0 if an earlier test compiled them
     torch.testing.assert_close(run(model, 37)[0], eager, atol=1e-5, rtol=0)           # another cache length
     assert counters["stats"]["unique_graphs"] == graphs
 
@@ -676,13 +680,14 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
         cache = KVCache(model.args, 4, 60, torch.float32, "cpu")
         first = generate(model, prompts, max_new_tokens=12, stop_ids=stops, cache=cache, **kw)
         return first, generate(model, [[30, 31]] * 4, max_new_tokens=5, cache=cache, **kw)
-    for kw in (dict(), dict(temperature=1.0, top_p=0.9, seed=4)):
+    for kw in (dict(), dict(draft=3), dict(temperature=1.0, top_p=0.9, seed=4)):
         model_module.compile_for_inference(model, False)
         eager_turns = conversation(**kw)
         model_module.compile_for_inference(model)
         calls.clear()
         assert conversation(**kw) == eager_turns
         assert kw or {shape[0] for shape in calls} >= {4, 2, 1}                 # greedy: three rows end early
+        assert not kw.get("draft") or {shape[1] for shape in calls} > {1}       # steps with guesses compiled too
 
     # bf16 with 4-bit codes that are not the weights' own (random): the compiled step reads the codes
     b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
