@@ -636,7 +636,7 @@ def block_product(x, i, weights, codes, onednn: bool):
     in a compiled decoding step. Up to INT4_MAX_ROWS rows it reads their 4-bit codes (codes: a list of
     (packed (L, out, in/2), scale_zero (L, in/32, out, 2)), each stacked over the layers, for all the weights
     of the kind at once or one each; None if the weights have no codes); else their oneDNN copy (`onednn`:
-    bf16 inference on a CPU, set_onednn_weights); else F.linear each. weights[i]: layer i's weights of the kind."""
+    bf16 inference on a CPU, set_onednn_weights); else `linear` each. weights[i]: layer i's weights of the kind."""
     if codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype:
         ys = [int4_product(x, packed[i], scale_zero[i]) for packed, scale_zero in codes]
     elif onednn:
@@ -800,18 +800,16 @@ class Llama(nn.Module):
         """The blocks' loop of `forward` for a decoding step (T new tokens per row after a cache: one, or one and its
         guesses; real (B, T) marks the real ones), as one compiled graph (decode_blocks). The graph's keys are all
         of the cache's slots, so every step of a `generate` call has the same shapes: a token attends to the filled
-        slots, the real new tokens up to itself and itself, by a mask (as _attention_mask)."""
-        B, T = real.shape
-        past, new = cache.length, torch.arange(T, device=x.device)
-        allowed = torch.zeros(B, T, cache.max_len, dtype=torch.bool, device=x.device)  # (B, T, S)
-        allowed[:, :, :past] = cache.valid[:, None, :past]
-        allowed[:, :, past:past + T] = (real[:, None, :] & (new <= new[:, None])) | (new == new[:, None])
-        slots = new + past
+        slots, the real new tokens up to itself and itself, by a mask (_attention_mask's, none of the later slots)."""
+        T = real.shape[1]
+        mask = self._attention_mask(real, cache, padded=True)                          # (B, 1, T, past + T)
+        mask = F.pad(mask, (0, cache.max_len - cache.length - T))                      # (B, 1, T, S)
+        slots = torch.arange(cache.length, cache.length + T, device=x.device)
         weights, codes, norms, _ = self.decode_inputs
         codes = codes if all(m.int4 for m in self.int4_layers) else None                # set_int4_weights
         onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
-        return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin,
-                                               allowed[:, None], cache.k, cache.v, slots)
+        return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin, mask,
+                                               cache.k, cache.v, slots)
 
     def _decode_codes_current(self):
         """Whether the 4-bit codes that compiled decoding steps read still match the weights: a weight changed in
