@@ -323,10 +323,10 @@ class Linear(nn.Linear):
 
     def reads_int4(self, x) -> bool:
         """Whether the product with x reads the kept 4-bit codes: inference of a few bf16 rows, while the codes
-        match the weight (inside a compiled graph, which cannot check that, they are taken as current)."""
+        match the weight. (Compiled decoding steps read the codes stacked, Llama.decode_blocks, not through here.)"""
         stored = self.__dict__.get("_int4")
         return (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == stored[1].dtype
-                and not torch.is_grad_enabled() and (torch.compiler.is_compiling() or stored[2] == version_key(self.weight)))
+                and not torch.is_grad_enabled() and stored[2] == version_key(self.weight))
 
     def reads_onednn(self, x) -> bool:
         """Whether the product with x, unless it reads 4-bit codes, takes the oneDNN-reordered copy: bf16
