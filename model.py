@@ -382,19 +382,31 @@ class Linear(nn.Linear):
 _LINEAR_OF_WEIGHT: dict[int, weakref.ref] = {}       # id(weight) -> its Linear, while set_onednn_weights is on
 
 
-@torch.library.custom_op("genpi::onednn_linear", mutates_args=())
-def onednn_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+# The op is defined through torch.library.Library rather than the torch.library.custom_op decorator, whose
+# Python wrappers cost ~18 us more per call (80 against 98 us for a 16-row product on the 2-core AMD EPYC; a
+# compiled batch-16 decoding step makes 120 calls).
+_GENPI_OPS = torch.library.Library("genpi", "FRAGMENT")
+_GENPI_OPS.define("onednn_linear(Tensor x, Tensor[] weights, Tensor? bias) -> Tensor")
+
+
+def _onednn_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
     """F.linear(x, the weights stacked, bias) through the reordered copy that the weights' Linears keep
     (Linear.onednn_weight); F.linear itself if a Linear is gone or holds another weight now."""
     layers = [_LINEAR_OF_WEIGHT.get(id(w), lambda: None)() for w in weights]
     if any(layer is None or layer.weight is not w for layer, w in zip(layers, weights)):
         return F.linear(x, torch.cat(weights), bias)
-    return onednn_product(x, layers, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, layers[0].onednn_weight(*layers[1:]), bias, "none", [], "")
 
 
-@onednn_linear.register_fake
+_GENPI_OPS.impl("onednn_linear", _onednn_linear, "CPU")
+
+
+@torch.library.register_fake("genpi::onednn_linear")
 def _(x, weights, bias):
     return x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in weights))          # (..., out)
+
+
+onednn_linear = torch.ops.genpi.onednn_linear
 
 
 def onednn_product(x, layers, bias=None):
@@ -995,7 +1007,8 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int = 128, 
             uniforms = torch.rand(B, generator=gen, device=p.device)[rows]
             picks = sample_next(logits[:, -1], temperature, top_p, uniforms=uniforms)[:, None].tolist()   # (rows, 1)
         else:
-            picks = logits.argmax(-1).tolist()                       # (rows, T): greedy after each fed token
+            # in fp32: PyTorch's CPU argmax over bf16 logits of 16 rows took 1.50 ms against 0.64 ms (the same ids)
+            picks = logits.float().argmax(-1).tolist()               # (rows, T): greedy after each fed token
         last, rejected = [], []
         for j, i in enumerate(rows):
             if len(out[i]) >= max_new_tokens:        # its last token went into the cache in this step: done
