@@ -656,6 +656,20 @@ def _compiled_decode(device_type: str):
     return torch.compile(Llama.decode_blocks, dynamic=True, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
 
 
+def row_product(x, weight):
+    """x (1, 1, in) times weight (out, in) -> (1, 1, out): the LM head of one token, as products and a sum that
+    inductor fuses into one pass over the weight (fp32 sums). SmolLM2's bf16 head (57 MB) after the final RMSNorm
+    on the 2-core AMD EPYC: 2.45-2.91 ms against 3.06-4.03 ms through its oneDNN copy (5 alternating pairs), and
+    F.linear 4.47 ms. With the RMSNorm in the same graph it took 2.9-3.2 ms."""
+    return (weight.float() * x[..., None, :].float()).sum(-1).to(x.dtype)          # (1, 1, out)
+
+
+@functools.cache
+def _compiled_row_product():
+    """row_product compiled (compile_for_inference): the LM head of a compiled decoding step of one token in bf16."""
+    return torch.compile(row_product, dynamic=False, fullgraph=True)
+
+
 # The products of a block in a compiled decoding step: the Linears of one input stacked (as fused_linears).
 BLOCK_PRODUCTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                   ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -719,6 +733,7 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
       at batch 1 in `generate`, 1.17-1.21x at batch 16; its graph reading lists of tensors instead of the
       modules (decode_blocks), a batch-1 step 1.13-1.33x faster again; with 3 guesses, batch-1 `generate`
       1.74-1.75x faster than with eager steps for them;
+    - a decoding step of one token in bf16 on a CPU: its LM head too (row_product);
     - more than COMPILED_MIN_ROWS rows (prefills) through the compiled blocks (Llama._compiled_blocks).
     Other forwards (steps after a shared prefix, a few rows without a cache) stay eager.
     Compiling takes ~5-15 s per new kind of call (one batch row, a few or many) on 2 cores, ~1 s from
@@ -789,9 +804,11 @@ class Llama(nn.Module):
         x = self.embed_tokens(tokens)                                                  # (B, T, dim)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         compiled = self.compiled and not torch.is_grad_enabled()
+        one_row_head = False
         if (compiled and T <= COMPILED_STEP_MAX_TOKENS and not last_only and cache is not None and cache.shared is None
                 and self._decode_codes_current()):
             x = self._compiled_step(x, cos, sin, cache, real)           # as the loop below, its own mask
+            one_row_head = head and B * T == 1 and x.device.type == "cpu" and x.dtype == torch.bfloat16
         else:
             mask = self._attention_mask(real, cache, pad_mask is not None)
             if compiled and B * T > COMPILED_MIN_ROWS:
@@ -805,6 +822,8 @@ class Llama(nn.Module):
             cache.next_pos += real.sum(1)
             cache.length += T
         x = self.norm(x)                                                               # (B, T, dim)
+        if one_row_head:                                                 # a compiled step of one token in bf16
+            return _compiled_row_product()(x, self.lm_head.weight)                     # (1, 1, vocab)
         return self.lm_head(x) if head else x                                          # (B, T, vocab)
 
     def _compiled_blocks(self, x, cos, sin, mask, cache, last_only):

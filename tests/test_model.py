@@ -710,6 +710,24 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     set_int4_weights(b16, False)                                   # the compiled step reads the weights instead
     torch.testing.assert_close(run(b16, 19, torch.bfloat16)[0].float(), with_weights, atol=0.05, rtol=0.02)
     set_int4_weights(b16, True)
+
+    # one row of one token: the compiled step's LM head is row_product (fused products and sums), the same logits
+    def one_row(m):
+        with torch.inference_mode():
+            cache = KVCache(m.args, 1, 16, torch.bfloat16, "cpu")
+            m(tokens[:1], cache, last_only=True)
+            return torch.cat([m(steps[:1, t:t + 1], cache) for t in range(3)], 1).float()   # (1, 3, vocab)
+    heads = []
+    real_row_product = model_module._compiled_row_product()
+    monkeypatch.setattr(model_module, "_compiled_row_product",
+                        lambda: lambda x, w: heads.append(x.shape) or real_row_product(x, w))
+    compiled_row = one_row(b16)
+    assert heads == [(1, 1, b16.args.dim)] * 3
+    model_module.compile_for_inference(b16, False)
+    torch.testing.assert_close(compiled_row, one_row(b16), atol=0.01, rtol=0)       # logits up to ~0.4 here
+    assert len(heads) == 3                                                         # eager steps: the Linear
+    model_module.compile_for_inference(b16)
+
     with torch.no_grad():
         layers[0].weight.mul_(-1)                         # in place, as a LoRA merge, after the codes were gathered
     calls.clear()
