@@ -808,7 +808,8 @@ class Llama(nn.Module):
         if (compiled and T <= COMPILED_STEP_MAX_TOKENS and not last_only and cache is not None and cache.shared is None
                 and self._decode_codes_current()):
             x = self._compiled_step(x, cos, sin, cache, real)           # as the loop below, its own mask
-            one_row_head = head and B * T == 1 and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            one_row_head = (head and B * T == 1 and x.device.type == "cpu" and x.dtype == torch.bfloat16
+                            and type(self.lm_head) is Linear)                # not a head with an adapter
         else:
             mask = self._attention_mask(real, cache, pad_mask is not None)
             if compiled and B * T > COMPILED_MIN_ROWS:
