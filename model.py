@@ -395,7 +395,7 @@ def _onednn_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     layers = [_LINEAR_OF_WEIGHT.get(id(w), lambda: None)() for w in weights]
     if any(layer is None or layer.weight is not w for layer, w in zip(layers, weights)):
         return F.linear(x, torch.cat(weights), bias)
-    return torch.ops.mkldnn._linear_pointwise(x, layers[0].onednn_weight(*layers[1:]), bias, "none", [], "")
+    return onednn_product(x, layers, bias)
 
 
 _GENPI_OPS.impl("onednn_linear", _onednn_linear, "CPU")
