@@ -625,8 +625,7 @@ class Block(nn.Module):
 
 
 # Inference of more rows than this runs through the compiled blocks (compile_for_inference; decoding steps have
-# a graph of their own, Llama._compiled_step). A forward of T
-# tokens of SmolLM2 in bf16 on the 2-core Xeon (medians of 15, ms), eager / eager with oneDNN-reordered
+# a graph of their own, Llama._compiled_step). A forward of T tokens of SmolLM2 in bf16 on the 2-core Xeon (medians of 15, ms), eager / eager with oneDNN-reordered
 # weights / compiled (each block's two halves, before _compiled_blocks): T=16 51.0 / 45.2 / 51.2, 64 65.5 /
 # 59.2 / 60.3, 128 86.4 / 76.6 / 77.5, 256 133.2 / 123.5 / 114.9, 512 222.0 / 236.2 / 185.8. Batch 16
 # compiled with _compiled_blocks: 1,395 against 1,299 ms eager for 31 steps (medians of 6 alternating pairs).
