@@ -189,16 +189,17 @@ def _compiled_nll_and_grad():
     return torch.compile(_nll_and_grad_fused, dynamic=True)
 
 
-def linear_cross_entropy(h, weight, targets, chunk: int = 128, compiled: bool = False):
+def linear_cross_entropy(h, weight, targets, chunk: int = 512, compiled: bool = False):
     """F.cross_entropy(h @ weight.T, targets) for h (N, dim) and a frozen weight (vocab, dim), in chunks
     of rows. Measured on SmolLM2 (vocab 49,152), 2 CPU threads: saves the full-vocabulary log-softmax
     and its backward over a (B*T, vocab) tensor (~0.7 s of a 9 s step of 1,024 tokens).
-    Chunks of 128 rows: a chunk's fp32 logits (25 MB) stay under glibc's 32 MB mmap threshold, so their
-    memory is reused; 256-row chunks (50 MB) came fresh from the OS each time, with 220,000-330,000 page
-    faults per QLoRA step (steps of 1,800 + 700 tokens on the 2-core Xeon, alternating in one process:
-    7.55-8.22 s with 256 rows against 6.90-7.43 s with 64). Fewer, larger products pay: 1,800 rows of
-    SmolLM2 forward + backward in bf16, best of 3, twice: 64 rows 417-432 ms, 128 rows 325-338 ms with
-    `model.keep_freed_memory` (256: 281-294 ms), and 463-512 against 372-394 ms without it (256: 436-444).
+    Fewer, larger products pay, as long as freed memory is reused (`model.keep_freed_memory`, which train.py
+    calls: otherwise chunks over glibc's 32 MB mmap threshold, 256 rows and more, come fresh from the OS each
+    time, with 220,000-330,000 page faults per QLoRA step on the 2-core Xeon). With it, 1,800 rows of SmolLM2
+    forward + backward in bf16 on that Xeon, best of 3, twice: 64 rows 417-432 ms, 128 rows 325-338 ms, 256
+    rows 281-294 ms. On the 2-core AMD EPYC (32 MB L3, no AMX; the 57-MB head is read from memory once per
+    chunk and product), 2,044 rows compiled, best of 2, three times: 128 rows 761-769 ms, 256 680-687 ms, 512
+    643-651 ms, 1,024 637-656 ms. Chunks of 512 rows: their fp32 logits take 100 MB.
     `compiled` (lm_loss: with the blocks compiled for training): each chunk's softmax and gradient through
     inductor (_nll_and_grad_fused): a QLoRA step of 4 x 512 tokens 1.02x faster (2.69 against 2.74 s, medians
     of 6 alternating steps)."""

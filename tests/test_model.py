@@ -843,3 +843,72 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation(fused, 
         assert got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_attention_by_blocks_equals_sdpa_forward_and_backward(dtype):
+    """causal_attention_by_blocks (query blocks, grouped-query heads folded) == causal SDPA in fp64, for block
+    edges inside and at the end, T below one block, queries in the last T of S cached slots, g = 1 and 3;
+    and so are its gradients through autograd (how training takes it)."""
+    from model import causal_attention_by_blocks
+    g = torch.Generator().manual_seed(0)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for B, H, KVH, T, S, block in ((2, 6, 2, 11, 11, 4), (1, 3, 3, 8, 8, 4), (2, 6, 2, 3, 3, 4), (2, 6, 2, 9, 13, 4)):
+        q = torch.randn(B, H, T, hd := 8, generator=g).to(dtype).requires_grad_()
+        k, v = (torch.randn(B, KVH, S + 2, hd, generator=g)[:, :, :S].to(dtype).requires_grad_() for _ in range(2))
+        allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)                # query i sees slots <= S - T + i
+        expected = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=allowed, enable_gqa=True)
+        expected = expected.transpose(1, 2).reshape(B, T, H * hd)
+        got = causal_attention_by_blocks(q, k, v, block=block)
+        assert got.dtype == dtype and got.shape == (B, T, H * hd)
+        torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+        out_grad = torch.randn(B, T, H * hd, generator=g)
+        want = torch.autograd.grad(expected, (q, k, v), out_grad.double())
+        for got_grad, want_grad in zip(torch.autograd.grad(got, (q, k, v), out_grad.to(dtype)), want):
+            torch.testing.assert_close(got_grad.double(), want_grad.double(), atol=2 * tol, rtol=2 * tol)
+
+
+def test_bf16_prefill_attends_by_query_blocks_on_a_cpu(tiny_dir, monkeypatch):
+    """A bf16 prefill of ATTENTION_BLOCK tokens or more takes causal_attention_by_blocks in every layer, with and
+    without a cache, and its logits stay as close to the fp32 model's as SDPA's (the scores are rounded to bf16)."""
+    b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
+    m32, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    calls = []
+    real = model_module.causal_attention_by_blocks
+    monkeypatch.setattr(model_module, "causal_attention_by_blocks", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 16)
+    x = torch.randint(0, b16.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = m32(x)
+        by_blocks = b16(x).float()
+        assert len(calls) == b16.args.n_layers
+        cache = KVCache(b16.args, 2, 48, torch.bfloat16, "cpu")
+        torch.testing.assert_close(b16(x, cache=cache).float(), by_blocks, atol=0, rtol=0)
+        assert len(calls) == 2 * b16.args.n_layers
+        monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 10 ** 6)
+        by_sdpa = b16(x).float()
+    assert len(calls) == 2 * b16.args.n_layers
+    err_blocks, err_sdpa = (by_blocks - ref).abs().max(), (by_sdpa - ref).abs().max()
+    assert err_blocks < 2 * err_sdpa + 1e-2, (err_blocks, err_sdpa)
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_prefill_by_query_blocks_is_as_close_to_fp32_as_sdpa(smollm_path, smollm, monkeypatch):
+    """SmolLM2 in bf16 over a 600-token prompt: the next-token distributions after a prefill by query blocks are as
+    close to the fp32 model's as after SDPA's kernel (we observe KL 7.5e-4 against 8.5e-4, top-1 agreement 99.0% against
+    98.8%)."""
+    m32, tok = smollm
+    b16, _ = load_model(smollm_path, dtype=torch.bfloat16, device="cpu")
+    ids = (tok.apply_chat(REAL_CHAT) * 8)[:600]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        ref = m32(x)[0].log_softmax(-1)                                            # (600, vocab)
+        kl, agree = {}, {}
+        for block in (model_module.ATTENTION_BLOCK, 10 ** 6):
+            monkeypatch.setattr(model_module, "ATTENTION_BLOCK", block)
+            got = b16(x)[0].float().log_softmax(-1)
+            kl[block] = float((got.exp() * (got - ref)).sum(-1).mean())
+            agree[block] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    print(kl, agree)
+    blocks, sdpa = model_module.ATTENTION_BLOCK, 10 ** 6
+    assert kl[blocks] < 1.5 * kl[sdpa] and agree[blocks] >= agree[sdpa] - 0.02, (kl, agree)
