@@ -227,7 +227,8 @@ ATTENTION_BLOCK = 128
 
 @functools.cache
 def _above_diagonal(n: int, device) -> torch.Tensor:
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)                # (n, n), True = masked
+    with torch.inference_mode(False):    # kept for later calls, with autograd too: not an inference tensor
+        return torch.ones(n, n, dtype=torch.bool, device=device).triu(1)            # (n, n), True = masked
 
 
 @torch.compiler.disable                  # a loop over T / 128 blocks: in a compiled training block, run eagerly

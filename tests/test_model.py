@@ -852,6 +852,8 @@ def test_causal_attention_by_blocks_equals_sdpa_forward_and_backward(dtype):
     and so are its gradients through autograd (how training takes it)."""
     from model import causal_attention_by_blocks
     g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():           # as a prefill, before training in the same process (train.py does)
+        causal_attention_by_blocks(*(torch.randn(1, 2, 5, 8, dtype=dtype) for _ in range(3)), block=4)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     for B, H, KVH, T, S, block in ((2, 6, 2, 11, 11, 4), (1, 3, 3, 8, 8, 4), (2, 6, 2, 3, 3, 4), (2, 6, 2, 9, 13, 4)):
         q = torch.randn(B, H, T, hd := 8, generator=g).to(dtype).requires_grad_()
