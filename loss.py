@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model import ONEDNN_KERNELS, Linear
+
 IGNORE = -100  # label of a token that is not trained
 
 PG_INSTRUCTION = ("When some context and an input were given together, the bad output below changed into the "
@@ -123,8 +125,13 @@ def lm_loss(model, tokens, labels):
     through the LM head, in chunks (linear_cross_entropy)."""
     hidden = model(tokens, head=False)                              # (B, T, dim)
     keep = labels[:, 1:] != IGNORE                                  # (B, T-1)
-    return linear_cross_entropy(hidden[:, :-1][keep], model.lm_head.weight, labels[:, 1:][keep],
-                                compiled=model.compiled_training)
+    head = model.lm_head
+    packed = None
+    if (hidden.device.type == "cpu" and hidden.dtype == head.weight.dtype == torch.bfloat16 and ONEDNN_KERNELS
+            and type(head) is Linear):               # not a head with an adapter
+        packed = (head.onednn_weight(), head.onednn_weight_t())
+    return linear_cross_entropy(hidden[:, :-1][keep], head.weight, labels[:, 1:][keep],
+                                compiled=model.compiled_training, packed=packed)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -133,19 +140,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     kept, so backward only scales it. W (the frozen LM head) gets no gradient."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk, compiled):         # h: (N, dim), weight: (V, dim)
+    def forward(ctx, h, weight, targets, chunk, compiled, packed):  # h: (N, dim), weight: (V, dim)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if h.requires_grad else None
         for i in range(0, len(h), chunk):
             t = targets[i:i + chunk]                                # (c,)
-            logits = h[i:i + chunk] @ weight.t()                    # (c, V)
+            logits = h[i:i + chunk] @ weight.t() if packed is None else onednn(h[i:i + chunk], packed[0])  # (c, V)
             if compiled:
                 nll, grad_logits = _compiled_nll_and_grad()(logits, t)
             else:
                 nll, grad_logits = _nll_and_grad(logits, t, grad_h is not None)
             total += nll.sum()
             if grad_h is not None:
-                grad_h[i:i + chunk] = grad_logits @ weight          # (c, dim)
+                grad_h[i:i + chunk] = grad_logits @ weight if packed is None else onednn(grad_logits, packed[1])  # (c, dim)
         n = len(h)
         ctx.save_for_backward(grad_h / n if grad_h is not None else None)
         return total / n
@@ -153,7 +160,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None, None
+
+
+def onednn(x, packed):
+    """x (c, in) times a weight reordered once for oneDNN (model.Linear.onednn_weight, onednn_weight_t) -> (c, out).
+    A plain bf16 product reorders the weight on every call: for SmolLM2's 57-MB head on the 2-core AMD EPYC,
+    ~10% of each chunk's two products."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def _nll_and_grad(logits, t, need_grad=True):
@@ -189,7 +203,7 @@ def _compiled_nll_and_grad():
     return torch.compile(_nll_and_grad_fused, dynamic=True)
 
 
-def linear_cross_entropy(h, weight, targets, chunk: int = 512, compiled: bool = False):
+def linear_cross_entropy(h, weight, targets, chunk: int = 512, compiled: bool = False, packed=None):
     """F.cross_entropy(h @ weight.T, targets) for h (N, dim) and a frozen weight (vocab, dim), in chunks
     of rows. Measured on SmolLM2 (vocab 49,152), 2 CPU threads: saves the full-vocabulary log-softmax
     and its backward over a (B*T, vocab) tensor (~0.7 s of a 9 s step of 1,024 tokens).
@@ -202,10 +216,13 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 512, compiled: bool = 
     643-651 ms, 1,024 637-656 ms. Chunks of 512 rows: their fp32 logits take 100 MB.
     `compiled` (lm_loss: with the blocks compiled for training): each chunk's softmax and gradient through
     inductor (_nll_and_grad_fused): a QLoRA step of 4 x 512 tokens 1.02x faster (2.69 against 2.74 s, medians
-    of 6 alternating steps)."""
+    of 6 alternating steps).
+    `packed` (lm_loss: a bf16 head on a CPU): the weight and its transpose reordered for oneDNN once
+    (model.Linear.onednn_weight, onednn_weight_t), for the two products of each chunk. 2,044 rows of SmolLM2 in
+    chunks of 512 on the 2-core AMD EPYC, best of 2, three times: 600-605 against 677-700 ms."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the LM head; freeze it")
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk, compiled)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, compiled, packed)
 
 
 def joint_loss(pg_loss, sft_loss, lam: float):

@@ -134,6 +134,43 @@ def test_lm_loss_equals_token_ce_of_the_logits(tiny_dir):
     torch.testing.assert_close(lm_loss(model, tokens, labels), token_ce(model(tokens), labels), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.skipif(not __import__("model").ONEDNN_KERNELS, reason="this PyTorch build has no oneDNN")
+def test_bf16_lm_loss_reads_the_heads_onednn_copies_with_the_same_loss_and_gradient(tiny_dir, monkeypatch):
+    """lm_loss of a bf16 model on a CPU: the LM head's two products per chunk read its weight and transpose
+    reordered for oneDNN once (Linear.onednn_weight, onednn_weight_t); loss and gradient for the hidden states
+    equal the plain products'. The copies follow the weight when it changes."""
+    import loss as loss_module
+    from model import load_model
+    model, tok = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
+    model.norm.weight.requires_grad_()                      # so the hidden states get a gradient (the head is frozen)
+    tokens, labels = collate([sft_sample(tok, RECORD), pg_sample(tok, RECORD, PROMPT)], 0)   # padded batch
+    seen = []
+    real = loss_module.onednn
+    monkeypatch.setattr(loss_module, "onednn", lambda x, p: seen.append(p) or real(x, p))
+
+    def loss_and_grad():
+        hidden = []
+        model.norm.register_forward_hook(lambda m, i, out: hidden.append(out.retain_grad() or out))
+        value = lm_loss(model, tokens, labels)
+        value.backward()
+        model.norm._forward_hooks.clear()
+        return value.detach(), hidden[0].grad
+    with torch.enable_grad():
+        packed_loss, packed_grad = loss_and_grad()
+        assert len(seen) == 2 * -(-int((labels[:, 1:] != -100).sum()) // 512)          # both products of each chunk
+        seen.clear()
+        monkeypatch.setattr(loss_module, "ONEDNN_KERNELS", False)                     # the plain products
+        plain_loss, plain_grad = loss_and_grad()
+    assert not seen
+    torch.testing.assert_close(packed_loss, plain_loss, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(packed_grad.float(), plain_grad.float(), rtol=2e-2, atol=1e-4)
+    with torch.no_grad():                                   # a changed head: packed again from its new weight
+        model.lm_head.weight.mul_(2)
+    x = torch.randn(3, model.lm_head.out_features, dtype=torch.bfloat16)
+    torch.testing.assert_close(real(x, model.lm_head.onednn_weight_t()).float(), (x @ model.lm_head.weight).float(),
+                               rtol=1e-2, atol=1e-2)
+
+
 def test_tiny_model_loss_falls_on_a_fixed_batch(tiny_dir):
     from lora import LoRAConfig, add_lora
     from model import load_model
