@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import ONEDNN_KERNELS, Linear
+from model import ONEDNN_KERNELS, Linear, packed_product
 
 IGNORE = -100  # label of a token that is not trained
 
@@ -145,14 +145,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if h.requires_grad else None
         for i in range(0, len(h), chunk):
             t = targets[i:i + chunk]                                # (c,)
-            logits = h[i:i + chunk] @ weight.t() if packed is None else onednn(h[i:i + chunk], packed[0])  # (c, V)
+            logits = h[i:i + chunk] @ weight.t() if packed is None else packed_product(h[i:i + chunk], packed[0])  # (c, V)
             if compiled:
                 nll, grad_logits = _compiled_nll_and_grad()(logits, t)
             else:
                 nll, grad_logits = _nll_and_grad(logits, t, grad_h is not None)
             total += nll.sum()
             if grad_h is not None:
-                grad_h[i:i + chunk] = grad_logits @ weight if packed is None else onednn(grad_logits, packed[1])  # (c, dim)
+                grad_h[i:i + chunk] = grad_logits @ weight if packed is None else packed_product(grad_logits, packed[1])  # (c, dim)
         n = len(h)
         ctx.save_for_backward(grad_h / n if grad_h is not None else None)
         return total / n
@@ -161,13 +161,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
         return grad_h * grad_loss.to(grad_h.dtype), None, None, None, None, None
-
-
-def onednn(x, packed):
-    """x (c, in) times a weight reordered once for oneDNN (model.Linear.onednn_weight, onednn_weight_t) -> (c, out).
-    A plain bf16 product reorders the weight on every call: for SmolLM2's 57-MB head on the 2-core AMD EPYC,
-    ~10% of each chunk's two products."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def _nll_and_grad(logits, t, need_grad=True):
@@ -218,8 +211,9 @@ def linear_cross_entropy(h, weight, targets, chunk: int = 512, compiled: bool = 
     inductor (_nll_and_grad_fused): a QLoRA step of 4 x 512 tokens 1.02x faster (2.69 against 2.74 s, medians
     of 6 alternating steps).
     `packed` (lm_loss: a bf16 head on a CPU): the weight and its transpose reordered for oneDNN once
-    (model.Linear.onednn_weight, onednn_weight_t), for the two products of each chunk. 2,044 rows of SmolLM2 in
-    chunks of 512 on the 2-core AMD EPYC, best of 2, three times: 600-605 against 677-700 ms."""
+    (model.Linear.onednn_weight, onednn_weight_t), for the two products of each chunk; a plain bf16 product
+    reorders the weight on every call. 2,044 rows of SmolLM2 in chunks of 512 on the 2-core AMD EPYC, best of 2,
+    three times: 600-605 against 677-700 ms."""
     if weight.requires_grad:
         raise ValueError("linear_cross_entropy computes no gradient for the LM head; freeze it")
     return _LinearCrossEntropy.apply(h, weight, targets, chunk, compiled, packed)

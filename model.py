@@ -219,7 +219,6 @@ def attend_after_prefix(q, k, v, kp, vp, mask, fused=None):
     return y.to(q.dtype).reshape(B, H, T, hd)                                      # (B, H, T, hd)
 
 
-
 # Causal attention of at least this many queries on a CPU in bf16 runs by query blocks of this many
 # (causal_attention_by_blocks) rather than through SDPA's flash kernel.
 ATTENTION_BLOCK = 128
@@ -243,7 +242,7 @@ def causal_attention_by_blocks(q, k, v, block=ATTENTION_BLOCK):
     head are folded into g*T queries of it (grouped-query attention without repeating k and v), ordered
     (token, head) so that a block of tokens is a block of rows.
     Why: without AMX, SDPA's CPU flash kernel runs far below the bf16 matmul rate. On 2 AMD EPYC cores
-    (AVX-512-BF16, no AMX), SmolLM2's shapes per layer: 1,100 tokens 8.6-9.3 against 13.3 ms, 512 tokens 2.2
+    (AVX-512-BF16, no AMX), SmolLM2's shapes per layer: 1,100 tokens 8.6-10.5 against 13.3-14.0 ms, 512 tokens 2.2
     against 4.2 ms; training (4 x 512, forward and backward through autograd) 31-33 against 63 ms. In fp32 it
     is not faster (bf16 only, Attention.attend). The scores are rounded to bf16 by the matmul, as in
     transformers' eager attention (SDPA's kernel keeps them in fp32): on random inputs its largest error
@@ -260,6 +259,7 @@ def causal_attention_by_blocks(q, k, v, block=ATTENTION_BLOCK):
         diagonal += _causal_bias(n, g, q.dtype, q.device)
         ys.append((scores.softmax(-1) @ v[:, :, :end]).view(B, KVH, n, g, hd))
     return torch.cat(ys, 2).transpose(1, 2).reshape(B, T, H * hd)              # (B, KVH, T, g, hd) -> (B, T, H*hd)
+
 
 # ----------------------------------------------------------------------------- the network
 @functools.cache
@@ -462,7 +462,12 @@ def onednn_product(x, layers, bias=None):
     (..., in) -> (..., sum of their outs). Inside a compiled graph, which serves every layer, through the op."""
     if torch.compiler.is_compiling():
         return onednn_linear(x, [m.weight for m in layers], bias)
-    return torch.ops.mkldnn._linear_pointwise(x, layers[0].onednn_weight(*layers[1:]), bias, "none", [], "")
+    return packed_product(x, layers[0].onednn_weight(*layers[1:]), bias)
+
+
+def packed_product(x, packed, bias=None):
+    """x (..., in) times a weight reordered for oneDNN (Linear.onednn_weight, onednn_weight_t) -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def fused_linears(x, layers):

@@ -145,8 +145,8 @@ def test_bf16_lm_loss_reads_the_heads_onednn_copies_with_the_same_loss_and_gradi
     model.norm.weight.requires_grad_()                      # so the hidden states get a gradient (the head is frozen)
     tokens, labels = collate([sft_sample(tok, RECORD), pg_sample(tok, RECORD, PROMPT)], 0)   # padded batch
     seen = []
-    real = loss_module.onednn
-    monkeypatch.setattr(loss_module, "onednn", lambda x, p: seen.append(p) or real(x, p))
+    real = loss_module.packed_product
+    monkeypatch.setattr(loss_module, "packed_product", lambda x, p: seen.append(p) or real(x, p))
 
     def loss_and_grad():
         hidden = []
