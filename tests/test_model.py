@@ -871,19 +871,20 @@ def test_causal_attention_by_blocks_equals_sdpa_forward_and_backward(dtype):
 
 
 def test_bf16_prefill_attends_by_query_blocks_on_a_cpu(tiny_dir, monkeypatch):
-    """A bf16 prefill of ATTENTION_BLOCK tokens or more takes causal_attention_by_blocks in every layer, with and
-    without a cache, and its logits stay as close to the fp32 model's as SDPA's (the scores are rounded to bf16)."""
+    """A bf16 prefill of ATTENTION_BLOCK tokens or more takes causal_attention_by_blocks in every layer (here in
+    blocks of 16, 16 and 8), with and without a cache, and its logits stay as close to the fp32 model's as SDPA's
+    (the scores are rounded to bf16)."""
     b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
     m32, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
     calls = []
     real = model_module.causal_attention_by_blocks
-    monkeypatch.setattr(model_module, "causal_attention_by_blocks", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_module, "causal_attention_by_blocks", lambda *a: calls.append(a[3]) or real(*a))
     monkeypatch.setattr(model_module, "ATTENTION_BLOCK", 16)
     x = torch.randint(0, b16.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = m32(x)
         by_blocks = b16(x).float()
-        assert len(calls) == b16.args.n_layers
+        assert calls == [16] * b16.args.n_layers                                   # the blocks' size, passed
         cache = KVCache(b16.args, 2, 48, torch.bfloat16, "cpu")
         torch.testing.assert_close(b16(x, cache=cache).float(), by_blocks, atol=0, rtol=0)
         assert len(calls) == 2 * b16.args.n_layers
@@ -903,14 +904,13 @@ def test_smollm2_bf16_prefill_by_query_blocks_is_as_close_to_fp32_as_sdpa(smollm
     b16, _ = load_model(smollm_path, dtype=torch.bfloat16, device="cpu")
     ids = (tok.apply_chat(REAL_CHAT) * 8)[:600]
     x = torch.tensor([ids])
+    blocks, sdpa = model_module.ATTENTION_BLOCK, 10 ** 6                           # SDPA: no prefill is that long
     with torch.no_grad():
         ref = m32(x)[0].log_softmax(-1)                                            # (600, vocab)
         kl, agree = {}, {}
-        for block in (model_module.ATTENTION_BLOCK, 10 ** 6):
+        for block in (blocks, sdpa):
             monkeypatch.setattr(model_module, "ATTENTION_BLOCK", block)
             got = b16(x)[0].float().log_softmax(-1)
             kl[block] = float((got.exp() * (got - ref)).sum(-1).mean())
             agree[block] = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
-    print(kl, agree)
-    blocks, sdpa = model_module.ATTENTION_BLOCK, 10 ** 6
     assert kl[blocks] < 1.5 * kl[sdpa] and agree[blocks] >= agree[sdpa] - 0.02, (kl, agree)
