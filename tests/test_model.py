@@ -435,7 +435,8 @@ def test_nucleus_of_flat_rows_is_found_in_the_whole_vocabulary():
 def test_keep_freed_memory_reuses_large_blocks():
     """After keep_freed_memory, a freed 48 MB tensor's memory serves the next one: no fresh pages to
     fault in (glibc's default maps any block over 32 MB anew each time: 12,288 faults of 4 KiB). The
-    best of three tries, since other threads' allocations can land in between."""
+    best of eight tries, since other threads' allocations can land in between, and in a fresh process the
+    first 2-4 tries still fault (seen run alone; without keep_freed_memory all eight do)."""
     import resource
     from model import keep_freed_memory
     if not keep_freed_memory():
@@ -447,7 +448,7 @@ def test_keep_freed_memory_reuses_large_blocks():
         torch.ones(12 << 20)
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
-    assert min(faults_of_a_second_48mb_tensor() for _ in range(3)) < 1000
+    assert min(faults_of_a_second_48mb_tensor() for _ in range(8)) < 1000
 
 # ----------------------------------------------------------------------------- bad input
 def test_bad_checkpoints_give_one_clear_error(tmp_path):
