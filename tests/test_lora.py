@@ -119,11 +119,42 @@ def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
         torch.testing.assert_close(layer(y), layer.base(y) + y @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scale)
 
 
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finalizer in unsigned Python integers (Appleby's reference C code)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_hashed_keep_is_murmur3s_finalizer_the_same_compiled_and_independent_between_seeds():
+    """The dropout mask hash: every element against a plain-integer reference of fmix32(i * 0x9E3779B1 + seed)
+    (seeds with the sign bit set too, where int32 >> would shift in ones); the same bits from a compiled
+    graph; no correlation between neighbours, or between the masks of two seeds."""
+    from lora import draw_seed, dropout_threshold, hashed_keep
+    drop, _ = dropout_threshold(0.3)
+    for seed in (0, 12345, 2 ** 31 - 1, -2 ** 31, -7):
+        keep = hashed_keep((37, 29), torch.tensor(seed, dtype=torch.int32), drop)
+        expected = [(_fmix32((i * 0x9E3779B1 + seed) & 0xFFFFFFFF) & 0xFFFF) >= drop for i in range(37 * 29)]
+        assert keep.flatten().tolist() == expected, seed
+    torch.manual_seed(0)
+    seeds = [draw_seed() for _ in range(3)]
+    assert seeds[0].dtype == torch.int32 and len({s.item() for s in seeds}) == 3
+    compiled = torch.compile(hashed_keep, dynamic=True)
+    for shape, seed in (((4, 512, 96), seeds[0]), ((3, 77, 50), seeds[1])):
+        assert torch.equal(compiled(shape, seed, drop), hashed_keep(shape, seed, drop)), shape
+    a = hashed_keep((1 << 20,), seeds[0], drop).float()
+    b = hashed_keep((1 << 20,), seeds[1], drop).float()
+    for x, y in ((a[:-1], a[1:]), (a, b), (a[:-64], a[64:])):                 # neighbours, seeds, a row apart
+        assert abs(torch.corrcoef(torch.stack((x, y)))[0, 1].item()) < 5 / len(x) ** 0.5
+
+
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_cpu_dropout_unscaled_drops_at_rate_p_and_keeps_the_mean(p):
     from lora import cpu_dropout_unscaled
     torch.manual_seed(0)
-    x = torch.ones(513, 1001)                                                # odd size: the last draw is cut
+    x = torch.ones(513, 1001)
     masked, scale = cpu_dropout_unscaled(x, p)                               # dropout(x) = masked * scale
     assert masked.dtype == x.dtype and set(masked.unique().tolist()) == {0.0, 1.0}
     y = masked * scale
