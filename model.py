@@ -251,10 +251,15 @@ def causal_attention_by_blocks(q, k, v, block=ATTENTION_BLOCK):
     KVH, S = k.shape[1], k.shape[2]
     g = H // KVH
     qg = (q.view(B, KVH, g, T, hd).transpose(2, 3) * hd ** -0.5).reshape(B, KVH, T * g, hd)   # (B, KVH, Tg, hd)
+    # oneDNN's bmm copies a strided operand first: a slice of the keys transposed once here is copied row by row,
+    # where a slice of k.transpose(-1, -2) took a transposing copy per block. The same products; per layer on the
+    # 2-core AMD EPYC (medians of 40-100): 1,100 tokens 9.91 against 10.00 ms; 4 x 512, forward and backward,
+    # 29.3 against 30.7 ms
+    kt = k.transpose(-1, -2).contiguous()                                      # (B, KVH, hd, S)
     ys = []
     for first in range(0, T, block):
         n, end = min(block, T - first), S - T + min(first + block, T)        # n queries, keys up to the last one's
-        scores = qg[:, :, first * g:(first + n) * g] @ k[:, :, :end].transpose(-1, -2)    # (B, KVH, ng, end)
+        scores = qg[:, :, first * g:(first + n) * g] @ kt[..., :end]                        # (B, KVH, ng, end)
         diagonal = scores.view(B, KVH, n, g, end)[..., end - n:]             # (B, KVH, n, g, n), the block's own keys
         diagonal += _causal_bias(n, g, q.dtype, q.device)
         ys.append((scores.softmax(-1) @ v[:, :, :end]).view(B, KVH, n, g, hd))
