@@ -75,9 +75,9 @@ class LoRAConfig:
 
 
 def hashed_keep(shape, seed: torch.Tensor, drop: int, device="cpu") -> torch.Tensor:
-    """Dropout's keep mask (bool, True = kept) from a counter-based hash: element i is dropped when the low 16
-    bits of fmix32(i * 0x9E3779B1 + seed) fall below `drop` (fmix32: the 32-bit finalizer of MurmurHash3, a
-    bijection that mixes every input bit into every output bit). seed: an int32 scalar tensor, so one compiled
+    """Dropout's keep mask (int8, 1 = kept, 0 = dropped) from a counter-based hash: element i is dropped when the
+    low 16 bits of fmix32(i * 0x9E3779B1 + seed) fall below `drop` (fmix32: the 32-bit finalizer of MurmurHash3,
+    a bijection that mixes every input bit into every output bit). seed: an int32 scalar tensor, so one compiled
     graph serves every draw. The same bits eagerly or inside a compiled training block, where inductor fuses the
     hash with the mask's product and no random number is drawn per element. Int32 products wrap around, and
     `>>` shifts in copies of the sign bit, so each shift is masked to act as an unsigned one."""
@@ -86,7 +86,15 @@ def hashed_keep(shape, seed: torch.Tensor, drop: int, device="cpu") -> torch.Ten
         h ^= (h >> shift) & ((1 << (32 - shift)) - 1)
         if factor is not None:
             h *= factor
-    return ((h & 0xFFFF) >= drop).view(shape)
+    # 0/1 by the sign of low 16 bits - drop, not a bool from a comparison: compiled, inductor writes a bool mask
+    # (which autograd may keep for the backward) ~8x slower than int8 (1.18 M elements on the 2-core AMD EPYC:
+    # 3.8-6.9 against 0.47-0.59 ms), and writes this int8 faster than a comparison's (1.65 ms). A training block
+    # of 4 x 512 tokens, forward and backward: 128.8 against 130.9 ms (medians of 60 alternations in one process).
+    # Eagerly, in place, as fast as the comparison (2,048 x 1,536: 10.2 against 10.4 ms)
+    h &= 0xFFFF
+    h -= drop
+    h >>= 31                                                                     # -1 where dropped, else 0
+    return h.add_(1).to(torch.int8).view(shape)
 
 
 def draw_seed() -> torch.Tensor:
@@ -102,7 +110,7 @@ def dropout_threshold(p: float) -> tuple[int, float]:
 
 
 def cpu_keep_mask(shape, p: float, device="cpu"):
-    """Dropout's keep mask (bool, True = kept) and the scale of the kept elements, by hashed_keep with a new seed.
+    """Dropout's keep mask (int8, 1 = kept) and the scale of the kept elements, by hashed_keep with a new seed.
     nn.Dropout draws one random number per element from the CPU's mt19937 (~4 ns each); the hash costs less,
     and compiled it is fused into the training graph. QLoRA step of 4 x 512 tokens, bf16, compiled, on the
     2-core AMD EPYC, 10 alternating steps in one process: median 1.096x faster than 16-bit random numbers cut
@@ -119,7 +127,7 @@ def cpu_dropout_unscaled(x, p: float):
     for (4, 512, 1,536), times a bool mask 1.76 ms, and the scale another 0.40 ms; the backward pays the
     same again."""
     keep, scale = cpu_keep_mask(x.shape, p, x.device)
-    return x * keep.view(torch.uint8).to(x.dtype), scale                  # 1 = kept, 0 = dropped
+    return x * keep.to(x.dtype), scale                                    # 1 = kept, 0 = dropped
 
 
 # ----------------------------------------------------------------------------- the layer

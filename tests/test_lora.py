@@ -136,8 +136,8 @@ def test_hashed_keep_is_murmur3s_finalizer_the_same_compiled_and_independent_bet
     drop, _ = dropout_threshold(0.3)
     for seed in (0, 12345, 2 ** 31 - 1, -2 ** 31, -7):
         keep = hashed_keep((37, 29), torch.tensor(seed, dtype=torch.int32), drop)
-        expected = [(_fmix32((i * 0x9E3779B1 + seed) & 0xFFFFFFFF) & 0xFFFF) >= drop for i in range(37 * 29)]
-        assert keep.flatten().tolist() == expected, seed
+        expected = [int((_fmix32((i * 0x9E3779B1 + seed) & 0xFFFFFFFF) & 0xFFFF) >= drop) for i in range(37 * 29)]
+        assert keep.dtype == torch.int8 and keep.flatten().tolist() == expected, seed            # 1 = kept
     torch.manual_seed(0)
     seeds = [draw_seed() for _ in range(3)]
     assert seeds[0].dtype == torch.int32 and len({s.item() for s in seeds}) == 3
