@@ -603,14 +603,21 @@ def test_compiled_inference_equals_the_eager_blocks(tiny_dir, monkeypatch):
             looked_up.append(key)
             return super().get(key, default)
     monkeypatch.setattr(model_module, "_LINEAR_OF_WEIGHT", Lookups())
+    used, packed_product = [], model_module.packed_product
+    monkeypatch.setattr(model_module, "packed_product", lambda x, packed, bias=None: used.append(packed)
+                        or packed_product(x, packed, bias))
     b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
     tokens16 = torch.randint(0, V, (2, 80), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         eager16 = b16(tokens16)
         assert model_module.compile_for_inference(b16) is None and not looked_up
+        used.clear()
         compiled16 = b16(tokens16)
-    block_weights = {id(m.weight) for b in b16.layers for m in b.modules() if isinstance(m, model_module.Linear)}
-    assert set(looked_up) == block_weights and len(looked_up) == len(block_weights)   # each once, through the op
+    copies = {id(m.__dict__[name][0]) for m in b16.modules() if isinstance(m, model_module.Linear)
+              for name in ("_onednn", "_onednn_fused") if name in m.__dict__}     # each block product's, the head's
+    assert {id(p) for p in used} == copies and len(used) == len(copies)             # each once
+    firsts = {id(b.get_submodule(names[0]).weight) for b in b16.layers for names in model_module.BLOCK_PRODUCTS}
+    assert set(looked_up) == firsts and len(looked_up) == len(firsts)   # the blocks' through the op, the quick way
     torch.testing.assert_close(compiled16.float(), eager16.float(), atol=0.05, rtol=0.02)
     monkeypatch.setenv("CXX", "no-such-compiler++")
     assert "no-such-compiler++" in model_module.compile_for_inference(model)
