@@ -417,6 +417,14 @@ class Linear(nn.Linear):
                                 [self.weight, *(m.weight for m in others)])
         return self._packed("_onednn", lambda w: torch.ops.mkldnn._reorder_linear_weight(w, None), [self.weight])
 
+    def kept_onednn_weight(self, weights: list[torch.Tensor]):
+        """The copy onednn_weight keeps for `weights` (this Linear's weight, then any others stacked under it)
+        if it was packed from exactly these tensors (their version_key), else None; packs nothing."""
+        kept = self.__dict__.get("_onednn_fused" if len(weights) > 1 else "_onednn")
+        if kept is not None and weights[0] is self.weight and kept[1] == version_key(*weights):
+            return kept[0]
+        return None
+
     def onednn_weight_t(self):
         """The weight's transpose (in, out) reordered for oneDNN: the product (..., out) @ weight, as the gradient
         for a frozen layer's input (the LM head in loss.linear_cross_entropy)."""
@@ -450,9 +458,9 @@ def _onednn_linear(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Ten
     calls this 121 times: 34.9 against 36.0 ms per step with the quick way (medians of 20 alternating `generate`
     calls on the 2-core AMD EPYC, 1.032x, 18 of 20 pairs faster)."""
     first = _LINEAR_OF_WEIGHT.get(id(weights[0]), lambda: None)()
-    kept = first.__dict__.get("_onednn_fused" if len(weights) > 1 else "_onednn") if first is not None else None
-    if kept is not None and first.weight is weights[0] and kept[1] == version_key(*weights):
-        return packed_product(x, kept[0], bias)
+    packed = first.kept_onednn_weight(weights) if first is not None else None
+    if packed is not None:
+        return packed_product(x, packed, bias)
     layers = [first, *(_LINEAR_OF_WEIGHT.get(id(w), lambda: None)() for w in weights[1:])]
     if any(layer is None or layer.weight is not w for layer, w in zip(layers, weights)):
         return F.linear(x, torch.cat(weights), bias)
