@@ -731,6 +731,47 @@ def _compiled_decode(device_type: str):
     return torch.compile(Llama.decode_blocks, dynamic=True, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
 
 
+class FrozenWeights(nn.Module):
+    """The block weights of a compiled decoding step as buffers (the Parameters themselves, no copies), for a graph
+    that inductor compiles with `freezing` (compile_for_inference(freeze=True)): it takes module buffers as
+    constants, folds each kind's stacked weights (q|k|v, gate|up) and packs them for oneDNN inside the graph. Its
+    products are then oneDNN calls from the graph's C++, not the genpi::onednn_linear op's trips into Python."""
+
+    def __init__(self, weights: list):
+        super().__init__()
+        self.counts = [[len(ws) for ws in per_layer] for per_layer in weights]     # per kind, per layer
+        for p, per_layer in enumerate(weights):
+            for i, ws in enumerate(per_layer):
+                for j, w in enumerate(ws):
+                    self.register_buffer(f"w{p}_{i}_{j}", w.detach(), persistent=False)
+
+    def stacked(self) -> list:
+        """As DecodeInputs.weights, with each layer's weights of a kind stacked into one (out rows)."""
+        return [[[torch.cat([getattr(self, f"w{p}_{i}_{j}") for j in range(n)])] for i, n in enumerate(per_layer)]
+                for p, per_layer in enumerate(self.counts)]
+
+
+def decode_frozen_blocks(frozen: FrozenWeights, model, codes, norms, x, cos, sin, mask, ks, vs, slots):
+    """Llama.decode_blocks reading the block weights from `frozen`'s buffers, as constants of the graph."""
+    return model.decode_blocks(frozen.stacked(), codes, norms, False, x, cos, sin, mask, ks, vs, slots)
+
+
+@functools.cache
+def _compiled_frozen_decode(device_type: str):
+    """decode_frozen_blocks compiled with inductor's freezing (compile_for_inference(freeze=True)): one graph per
+    model and kind of step. Inductor cannot cache such a graph on disk (oneDNN's packed weights do not pickle),
+    so each process compiles it afresh: ~100 s per kind of step for SmolLM2 on 2 cores."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    compiled = torch.compile(decode_frozen_blocks, dynamic=True, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
+
+    def step(*args):
+        # freezing set around the call (which compiles when the guards fail): as one of torch.compile's options
+        # it leaves the weights inputs of the graph (torch 2.13)
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args)
+    return step
+
+
 def row_product(x, weight):
     """x (1, 1, in) times weight (out, in) -> (1, 1, out): the LM head of one token, as products and a sum that
     inductor fuses into one pass over the weight (fp32 sums). SmolLM2's bf16 head (57 MB) after the final RMSNorm
@@ -756,13 +797,19 @@ def block_product(x, i, weights, codes, onednn: bool):
     (packed (L, out, in/2), scale_zero (L, in/32, out, 2)), each stacked over the layers, for all the weights
     of the kind at once or one each; None if the weights have no codes); else their oneDNN copy (`onednn`:
     bf16 inference on a CPU, set_onednn_weights); else `linear` each. weights[i]: layer i's weights of the kind."""
-    if codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype:
+    if reads_codes(x, codes):
         ys = [int4_product(x, packed[i], scale_zero[i]) for packed, scale_zero in codes]
     elif onednn:
         return onednn_linear(x, weights[i], None)
     else:
         ys = [linear(x, w) for w in weights[i]]
     return ys[0] if len(ys) == 1 else torch.cat(ys, -1)
+
+
+def reads_codes(x, codes) -> bool:
+    """Whether a decoding step's products of x (B, T, in) read the 4-bit codes `codes` (one kind's, see
+    block_product; None if there are none)."""
+    return codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype
 
 
 # _convert_weight_to_int4pack_for_cpu packs the codes in blocks of 64 rows: the packed codes of weights whose
@@ -799,7 +846,7 @@ def decode_inputs(model: nn.Module) -> DecodeInputs:
     return DecodeInputs(weights, codes, norms, version_key(*(m.weight for m in every)))
 
 
-def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
+def compile_for_inference(model: nn.Module, on: bool = True, freeze: bool = False) -> str | None:
     """Run inference through graphs compiled by inductor, which fuses the element-wise work (RMSNorm, rotary,
     SiLU, residual adds) into a few kernels around the same matmuls:
     - a decoding step (one new token per row after a cache without a shared prefix, or one and its prompt-lookup
@@ -816,6 +863,11 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     per row or more) takes 2-4 min the first time, then ~10 s.
     The decoding step reads the weights gathered here (decode_inputs): call this again after replacing any of
     the model's modules or parameters (in-place changes of the weights are seen).
+    With `freeze`, the graphs of decoding steps that read the bf16 (or fp32) weights, not the 4-bit codes, take
+    the block weights as constants (FrozenWeights): SmolLM2's batch-16 steps in bf16 1.105x faster on the 2-core
+    AMD EPYC (medians of 14 alternating `generate` calls; batch 1, with the codes: 0.96x, so it keeps the usual
+    graph), but each process compiles each such kind of step afresh (~90 s), so it pays only for long
+    generation runs. A weight changed in place since sends the steps to eager, as with the 4-bit codes.
     Returns None once on, else why it cannot be: no compiler; blocks with LoRA or NF4 layers (which
     compile_for_training covers for training); fp16 weight copies (set_fp16_weights: fbgemm's packed
     weights split the graphs)."""
@@ -831,6 +883,8 @@ def compile_for_inference(model: nn.Module, on: bool = True) -> str | None:
     # since walking the modules every step cost ~1.5 ms of a 14-ms batch-1 step)
     model.int4_layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
     model.decode_inputs = decode_inputs(model) if model.compiled else None
+    # in __dict__, not a submodule: its buffers are the model's own weights, not a part to save, move or train
+    model.__dict__["frozen_weights"] = FrozenWeights(model.decode_inputs.weights) if model.compiled and freeze else None
     return why_not if on else None
 
 
@@ -859,6 +913,7 @@ class Llama(nn.Module):
     compiled_training = False  # blocks compiled for training (lora.compile_for_training); lm_loss's chunks too
     int4_layers = ()       # the Linears with 4-bit codes when compile_for_inference was called
     decode_inputs = None   # what its compiled decoding steps read, gathered then (decode_inputs)
+    frozen_weights = None  # the block weights as constants of its decoding steps' graphs (compile_for_inference)
 
     def forward(self, tokens, cache: KVCache | None = None, pad_mask=None, last_only=False, head=True):
         """tokens: (B, T) ids; pad_mask: (B, T) bool, True for real tokens (None = all real).
@@ -881,7 +936,7 @@ class Llama(nn.Module):
         compiled = self.compiled and not torch.is_grad_enabled()
         one_row_head = False
         if (compiled and T <= COMPILED_STEP_MAX_TOKENS and not last_only and cache is not None and cache.shared is None
-                and self._decode_codes_current()):
+                and self._decode_copies_current()):
             x = self._compiled_step(x, cos, sin, cache, real)           # as the loop below, its own mask
             one_row_head = (head and B * T == 1 and x.device.type == "cpu" and x.dtype == torch.bfloat16
                             and type(self.lm_head) is Linear)                # not a head with an adapter
@@ -933,15 +988,21 @@ class Llama(nn.Module):
         weights, codes, norms, _ = self.decode_inputs
         codes = codes if all(m.int4 for m in self.int4_layers) else None                # set_int4_weights
         onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
+        if self.frozen_weights is not None and not reads_codes(x, codes and codes[0]):    # (batch 1: no gain)
+            return _compiled_frozen_decode(x.device.type)(self.frozen_weights, self, codes, norms, x, cos, sin, mask,
+                                                          cache.k, cache.v, slots)
         return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin, mask,
                                                cache.k, cache.v, slots)
 
-    def _decode_codes_current(self):
-        """Whether the 4-bit codes that compiled decoding steps read still match the weights: a weight changed in
-        place since (e.g. by a LoRA merge) sends the steps to eager, where Linear.forward checks each Linear.
+    def _decode_copies_current(self):
+        """Whether the copies of the weights that compiled decoding steps read (the 4-bit codes; the frozen graph's
+        constants) still match the weights: a weight changed in place since (e.g. by a LoRA merge) sends the steps
+        to eager, where Linear.forward checks each Linear.
         version_key over the gathered weights takes 34 us per step, the check of each Linear took 235 us."""
         weights, codes, _, key = self.decode_inputs
-        return codes is None or version_key(*(w for kind in weights for ws in kind for w in ws)) == key
+        if codes is None and self.frozen_weights is None:
+            return True
+        return version_key(*(w for kind in weights for ws in kind for w in ws)) == key
 
     def decode_blocks(self, weights, codes, norms, onednn: bool, x, cos, sin, mask, ks, vs, slots):
         """The blocks of a decoding step, compiled whole (_compiled_decode): x (B, T, dim) -> (B, T, dim), as

@@ -21,10 +21,11 @@ context, `--draft` tokens per step, the same greedy tokens) on all three sides: 
 draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPromptLookupDecoding`).
 
     python benchmarks/bench_engine.py [--repeats 3] [--decode-tokens 32] [--json out.json]
-    python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers;
-                                                      # then batch-1 decode, ours and llama.cpp (if installed)
+    python benchmarks/bench_engine.py --interleave 4   # prefill, then batch-16 decode, ours and transformers
+                                                      # (same dtype); then batch-1 decode, ours and llama.cpp
+                                                      # (if installed); alternating in one process: N ratios each
     python benchmarks/bench_engine.py --compile        # ours with compiled graphs (model.compile_for_inference)
-                                                      # (same dtype) alternating in one process: N ratios each
+    python benchmarks/bench_engine.py --compile --freeze   # and the decoding steps' weights as graph constants
 """
 import argparse
 import json
@@ -58,11 +59,11 @@ def load_transformers(dtype):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype).eval()
 
 
-def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights, int4=True, compiled=False):
+def bench_ours(prompt_ids, batch16, n_new, repeats, dtype, draft, fp16_weights, int4=True, compiled=False, freeze=False):
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, fp16_weights)
     set_int4_weights(model, int4)
-    if compiled and (why_not := compile_for_inference(model)):
+    if compiled and (why_not := compile_for_inference(model, freeze=freeze)):
         raise SystemExit(f"--compile: {why_not}")
     x = torch.tensor([prompt_ids])
     with torch.inference_mode():
@@ -98,7 +99,7 @@ def bench_transformers(prompt_ids, batch16, n_new, repeats, dtype, draft):
             "decode_b16_tok_s": 16 * (n_new - 1) / max(dec16 - pre16, 1e-9)}
 
 
-def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
+def interleaved(prompt_ids, batch16, n_new, rounds, compiled, freeze=False):
     """Prefill and batch-16 decode ratios, ours (as `main` runs it) / transformers in the same dtype
     (`model.default_dtype`: bf16 on a CPU with native bf16 matmul, where it is transformers' best, else
     fp32), the two run alternately in one process: on a shared machine the load drifts between the
@@ -107,7 +108,7 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled):
     dtype = default_dtype("cpu")
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, FP16_KERNELS and dtype == torch.float32)
-    if compiled and (why_not := compile_for_inference(model)):
+    if compiled and (why_not := compile_for_inference(model, freeze=freeze)):
         raise SystemExit(f"--compile: {why_not}")
     hf, name = load_transformers(dtype), f"transformers {str(dtype).replace('torch.', '')}"
     x, b16 = torch.tensor([prompt_ids]), torch.tensor(batch16)
@@ -201,21 +202,27 @@ def main():
                     help="ours with prefills and decoding steps through compiled graphs (model.compile_for_inference; "
                          "the first calls compile, ~10 s each from inductor's cache, minutes the first time, in "
                          "the untimed warm-ups)")
+    ap.add_argument("--freeze", action="store_true",
+                    help="with --compile: the decoding steps' graphs take the block weights as constants "
+                         "(compile_for_inference(freeze=True); ~100 s more per kind of step, every run)")
     args = ap.parse_args()
+    if args.freeze and not args.compile:
+        ap.error("--freeze needs --compile")
     torch.set_num_threads(args.threads)
     text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
     _, tok = load_model(dtype=torch.float32, device="cpu")
     ids = (tok.encode(text) * 4)[: args.prefill_tokens]
     batch16 = [ids[i * 40: i * 40 + 64] for i in range(16)]     # 16 different 64-token prompts
     if args.interleave:
-        return interleaved(ids, batch16, args.decode_tokens, args.interleave, args.compile)
+        return interleaved(ids, batch16, args.decode_tokens, args.interleave, args.compile, args.freeze)
     ours_dtype = default_dtype("cpu")
     results = {"machine": {"cpu_threads": args.threads, "torch": torch.__version__, "ours_dtype": str(ours_dtype)}}
     fp16 = FP16_KERNELS and ours_dtype == torch.float32            # as synth, evaluate and train infer here
     results["machine"]["ours_fp16_weights"] = fp16
     results["machine"]["ours_compiled"] = args.compile
+    results["machine"]["ours_frozen_weights"] = args.freeze
     results["ours"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype, args.draft, fp16,
-                                 compiled=args.compile)
+                                 compiled=args.compile, freeze=args.freeze)
     if fp16:                                                         # and with the exact fp32 weights
         results["ours_fp32_weights"] = bench_ours(ids, batch16, args.decode_tokens, args.repeats, ours_dtype,
                                                   args.draft, False)

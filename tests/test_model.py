@@ -745,6 +745,85 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     assert torch.equal(stale, run(b16, 19, torch.bfloat16)[0]) and not calls      # the eager steps, as here
 
 
+@pytest.mark.slow
+def test_frozen_decoding_step_reads_the_weights_as_constants(tiny_dir, monkeypatch):
+    """compile_for_inference(freeze=True): decoding steps through the graph compiled with inductor's freezing give
+    the eager steps' logits and cache (fp32), in bf16 with 4-bit codes too; the graph holds the weights as its
+    own constants (changed behind the version check, its steps keep the old weights), so a weight changed in
+    place sends the steps back to eager, which sees the change."""
+    model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.args.vocab_size, (3, 9), generator=g)
+    real = torch.ones_like(tokens, dtype=torch.bool)
+    real[1, :4] = False                                                             # left padding
+    steps = torch.randint(0, model.args.vocab_size, (3, 4), generator=g)
+
+    def run(m, dtype=torch.float32, scale_up_proj=None):     # (the up_proj's weight scaled after the prefill)
+        with torch.inference_mode():
+            cache = KVCache(m.args, 3, 16, dtype, "cpu")
+            out = [m(tokens, cache, pad_mask=real, last_only=True)]                  # eager: 27 rows
+            if scale_up_proj:
+                m.layers[0].mlp.up_proj.weight.mul_(scale_up_proj)
+            out += [m(steps[:, t:t + 1], cache) for t in range(steps.shape[1])]
+            if scale_up_proj:
+                m.layers[0].mlp.up_proj.weight.mul_(1 / scale_up_proj)
+        return torch.cat(out, 1).float(), cache
+    eager, eager_cache = run(model)
+    frozen_calls = []
+    real_frozen = model_module._compiled_frozen_decode("cpu")
+    monkeypatch.setattr(model_module, "_compiled_frozen_decode",
+                        lambda device: lambda *a: frozen_calls.append(a[4].shape) or real_frozen(*a))
+    assert model_module.compile_for_inference(model, freeze=True) is None
+    frozen, cache = run(model)
+    assert frozen_calls == [(3, 1, model.args.dim)] * steps.shape[1]
+    torch.testing.assert_close(frozen, eager, atol=1e-5, rtol=0)
+    for c, e in zip(cache.k + cache.v, eager_cache.k + eager_cache.v):
+        torch.testing.assert_close(c, e, atol=1e-5, rtol=0)
+
+    up_proj = model.layers[0].mlp.up_proj                        # stacked with gate_proj in the graph
+    with torch.no_grad():
+        up_proj.weight.mul_(-16)                                 # in place, as a LoRA merge
+    model_module.compile_for_inference(model, False)
+    changed = run(model)[0]
+    assert (changed[:, 1:] - eager[:, 1:]).abs().max() > 0.1
+    model_module.compile_for_inference(model, freeze=True)    # gathers the changed weights, a new graph
+    frozen_calls.clear()
+    torch.testing.assert_close(run(model)[0], changed, atol=1e-5, rtol=0)
+    assert len(frozen_calls) == steps.shape[1]
+    with torch.no_grad():
+        up_proj.weight.mul_(-1 / 16)                             # back to the first weights, in place
+    frozen_calls.clear()
+    torch.testing.assert_close(run(model)[0], eager, atol=1e-5, rtol=0)     # eager steps see the change
+    assert not frozen_calls
+    # past the version check, the graph's steps read its constants, the weights it was compiled with
+    monkeypatch.setattr(model, "_decode_copies_current", lambda: True)
+    stale = run(model)[0]                                  # the eager prefill reads the first weights
+    assert len(frozen_calls) == steps.shape[1]
+    model_module.compile_for_inference(model, False)
+    torch.testing.assert_close(stale, run(model, scale_up_proj=-16)[0], atol=1e-5, rtol=0)
+
+    # bf16 with 4-bit codes (random, not the weights' own): steps that read the codes (up to 12 rows) take the
+    # usual graph, the others (the codes off here) the frozen one
+    b16, _ = load_model(tiny_dir, dtype=torch.bfloat16, device="cpu")
+    for layer in (m for b in b16.layers for m in b.modules() if isinstance(m, model_module.Linear)):
+        out, inp = layer.weight.shape
+        layer.keep_int4(torch.randint(0, 16, (out, inp), generator=g), torch.rand(out, inp // 32, generator=g) * 0.02,
+                        torch.randn(out, inp // 32, generator=g) * 0.01)
+    assert model_module.compile_for_inference(b16) is None
+    with_codes = run(b16, torch.bfloat16)[0]
+    set_int4_weights(b16, False)
+    with_weights = run(b16, torch.bfloat16)[0]
+    set_int4_weights(b16, True)
+    assert model_module.compile_for_inference(b16, freeze=True) is None
+    frozen_calls.clear()
+    torch.testing.assert_close(run(b16, torch.bfloat16)[0], with_codes, atol=0.05, rtol=0.02)
+    assert not frozen_calls
+    set_int4_weights(b16, False)
+    torch.testing.assert_close(run(b16, torch.bfloat16)[0], with_weights, atol=0.05, rtol=0.02)
+    assert len(frozen_calls) == steps.shape[1]
+    assert (with_codes[:, 1:] - with_weights[:, 1:]).abs().max() > 0.5          # the two differ
+
+
 def test_sequence_longer_than_context_is_refused(tiny_model):
     model, _ = tiny_model
     with pytest.raises(ValueError, match="longer than the context of 1024"):
