@@ -760,7 +760,7 @@ def decode_frozen_blocks(frozen: FrozenWeights, model, codes, norms, x, cos, sin
 def _compiled_frozen_decode(device_type: str):
     """decode_frozen_blocks compiled with inductor's freezing (compile_for_inference(freeze=True)): one graph per
     model and kind of step. Inductor cannot cache such a graph on disk (oneDNN's packed weights do not pickle),
-    so each process compiles it afresh: ~100 s per kind of step for SmolLM2 on 2 cores."""
+    so each process compiles it afresh: 90-100 s per kind of step for SmolLM2 on 2 cores."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     compiled = torch.compile(decode_frozen_blocks, dynamic=True, fullgraph=True, options={"cpp_wrapper": device_type == "cpu"})
 
@@ -866,7 +866,7 @@ def compile_for_inference(model: nn.Module, on: bool = True, freeze: bool = Fals
     With `freeze`, the graphs of decoding steps that read the bf16 (or fp32) weights, not the 4-bit codes, take
     the block weights as constants (FrozenWeights): SmolLM2's batch-16 steps in bf16 1.105x faster on the 2-core
     AMD EPYC (medians of 14 alternating `generate` calls; batch 1, with the codes: 0.96x, so it keeps the usual
-    graph), but each process compiles each such kind of step afresh (~90 s), so it pays only for long
+    graph), but each process compiles each such kind of step afresh (90-100 s), so it pays only for long
     generation runs. A weight changed in place since sends the steps to eager, as with the 4-bit codes.
     Returns None once on, else why it cannot be: no compiler; blocks with LoRA or NF4 layers (which
     compile_for_training covers for training); fp16 weight copies (set_fp16_weights: fbgemm's packed
@@ -987,10 +987,10 @@ class Llama(nn.Module):
         slots = torch.arange(cache.length, cache.length + T, device=x.device)
         weights, codes, norms, _ = self.decode_inputs
         codes = codes if all(m.int4 for m in self.int4_layers) else None                # set_int4_weights
-        onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
-        if self.frozen_weights is not None and not reads_codes(x, codes and codes[0]):    # (batch 1: no gain)
+        if self.frozen_weights is not None and not reads_codes(x, codes[0] if codes else None):   # (batch 1: no gain)
             return _compiled_frozen_decode(x.device.type)(self.frozen_weights, self, codes, norms, x, cos, sin, mask,
                                                           cache.k, cache.v, slots)
+        onednn = self.layers[0].self_attn.q_proj.reads_onednn(x)                       # set_onednn_weights
         return _compiled_decode(x.device.type)(self, weights, codes, norms, onednn, x, cos, sin, mask,
                                                cache.k, cache.v, slots)
 

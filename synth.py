@@ -839,7 +839,7 @@ def main(argv=None):
                          "the first run compiles for minutes, later ones read inductor's cache)")
     ap.add_argument("--freeze", action="store_true",
                     help="with --compile: the decoding steps' graphs take the block weights as constants "
-                         "(compile_for_inference(freeze=True)): batched steps ~1.1x faster on a CPU, but ~100 s more "
+                         "(compile_for_inference(freeze=True)): batched steps ~1.1x faster on a CPU, but 90-100 s more "
                          "compiling in every run; for long runs")
     for f in SynthConfig.__dataclass_fields__.values():
         if f.name != "n":

@@ -204,7 +204,7 @@ def main():
                          "the untimed warm-ups)")
     ap.add_argument("--freeze", action="store_true",
                     help="with --compile: the decoding steps' graphs take the block weights as constants "
-                         "(compile_for_inference(freeze=True); ~100 s more per kind of step, every run)")
+                         "(compile_for_inference(freeze=True); 90-100 s more per kind of step, every run)")
     args = ap.parse_args()
     if args.freeze and not args.compile:
         ap.error("--freeze needs --compile")
