@@ -104,7 +104,8 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled, freeze=False):
     (`model.default_dtype`: bf16 on a CPU with native bf16 matmul, where it is transformers' best, else
     fp32), the two run alternately in one process: on a shared machine the load drifts between the
     separate measurements of a full run, not within a pair. Decode is timed as generate(n_new) -
-    generate(1), as in `main`. With llama-cpp-python installed, batch-1 decode alternates with llama.cpp too."""
+    generate(1), as in `main`. With llama-cpp-python installed, batch-1 decode alternates with llama.cpp too.
+    Prints each round's ratio, then each measure's median ratio."""
     dtype = default_dtype("cpu")
     model, _ = load_model(dtype=dtype, device="cpu")
     set_fp16_weights(model, FP16_KERNELS and dtype == torch.float32)
@@ -132,10 +133,13 @@ def interleaved(prompt_ids, batch16, n_new, rounds, compiled, freeze=False):
     with torch.inference_mode():
         for what, (peer, ours, theirs, rate, their_rate) in pairs.items():
             ours(), theirs()                                              # warm-up
+            ratios = []
             for r in range(rounds):
                 a, b = ours(), theirs()
+                ratios.append(rate(a) / their_rate(b))
                 print(f"{what} round {r + 1}: ours {rate(a):.1f} tok/s, {peer} {their_rate(b):.1f} tok/s, "
-                      f"ratio {rate(a) / their_rate(b):.2f}x", flush=True)
+                      f"ratio {ratios[-1]:.2f}x", flush=True)
+            print(f"{what}: median ratio over {rounds} rounds {statistics.median(ratios):.3f}x", flush=True)
 
 
 def llama_cpp_settings(threads):
