@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cpu_kernels
+
 
 @dataclass
 class ModelArgs:
@@ -326,15 +328,36 @@ FP16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines
 # against 22.6 ms for the bf16 weights, 8.2 against 22.7 at 4 rows (a step with 3 guesses), 18.1 against
 # 22.7 at 12, 23.6 against 23.3 at 16; so it takes products of up to INT4_MAX_ROWS rows. In fp32 it is
 # 5-30x slower than F.linear, so only bf16 models keep the codes.
+# On a CPU with AVX-512-BF16 the hand-written kernel of cpu_kernels.cpp reads the codes instead, as the file
+# stores them (cpu_kernels.pack_q4): SmolLM2's 120 block products of a batch-1 step (q|k|v, o, gate|up, down
+# per layer) took 3.50 against 4.09 ms alone, and the compiled step 7.84 against 8.59 ms (medians of 10
+# alternating `generate` calls of two models in one process, 1.107x).
 INT4_KERNELS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 INT4_MAX_ROWS = 12
 
 
-def int4_product(x, packed, scale_zero):
-    """x (..., in) times a weight kept as 4-bit codes (Linear.keep_int4) -> (..., out). packed: (out, in/2)
-    uint8; scale_zero: (in/32, out, 2)."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), packed, 32, scale_zero)
+def int4_product(x, packed, scales):
+    """x (..., in) times a weight kept as 4-bit codes (Linear.keep_int4) -> (..., out). Either the hand-written
+    kernel's layout (scales fp16: packed (out, in/2) uint8, scales (out, 2, in/32), see cpu_kernels.pack_q4) or
+    PyTorch's (packed by _convert_weight_to_int4pack_for_cpu; scales (in/32, out, 2) scale and zero)."""
+    rows = x.reshape(-1, x.shape[-1])                                                   # (rows, in)
+    if scales.dtype == torch.float16:
+        y = cpu_kernels.q4_linear(rows, packed, scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, 32, scales)
     return y.view(*x.shape[:-1], -1)
+
+
+def keeps_codes(dtype, device) -> bool:
+    """Whether a model loaded from a GGUF file keeps the file's 4-bit and 8-bit codes for decoding: bf16 on a
+    CPU, with PyTorch's 4-bit kernel or the hand-written ones."""
+    return dtype == torch.bfloat16 and device.type == "cpu" and (INT4_KERNELS or cpu_kernels.available())
+
+
+# The LM head of a decoding step of a few rows from the GGUF's Q8_0 codes of the (tied) embedding, by
+# cpu_kernels.q8_linear: 30 MB read against 57 MB of bf16. SmolLM2's head at 1 row, caches cold: 1.06 against
+# 2.01 ms for the compiled bf16 row_product.
+Q8_MAX_ROWS = 4
 
 # oneDNN's bf16 matmul on a weight reordered once into its blocked layout (AMX / AVX-512 tiles), as
 # inductor's freezing does; F.linear reorders the weight again on every call. The same products (bitwise
@@ -351,10 +374,11 @@ class Linear(nn.Linear):
     """nn.Linear through `linear` (above): faster for the few rows of a decoding step on a CPU. After
     `set_fp16_weights(model)`, inference on a CPU in fp32 reads fp16 copies of the weights instead.
     A bf16 model loaded from a GGUF file whose weights are stored in 4 bits (Q4_0, Q4_1, as the embedded
-    SmolLM2) keeps those codes too (`keep_int4`), and inference products of a few rows read them. Other
+    SmolLM2) keeps those codes too (`keep_int4`), and inference products of a few rows read them; so does one
+    stored in Q8_0 (SmolLM2's embedding, its LM head) on a CPU with cpu_kernels (`keep_q8`). Other
     bf16 inference on a CPU reads a copy of the weight reordered for oneDNN (`set_onednn_weights`)."""
     fp16 = False
-    int4 = True            # read the kept 4-bit codes where they apply (set_int4_weights)
+    int4 = True            # read the kept 4-bit (and 8-bit) codes where they apply (set_int4_weights)
     onednn = False         # bf16 inference on a CPU reads a copy reordered for oneDNN (set_onednn_weights)
 
     def forward(self, x):
@@ -364,6 +388,10 @@ class Linear(nn.Linear):
         if self.reads_int4(x):
             y = int4_product(x, *self._int4[:2])                                    # (..., out)
             return y if self.bias is None else y + self.bias
+        if self.reads_q8(x):
+            codes, d, _ = self._q8
+            y = cpu_kernels.q8_linear(x.reshape(-1, x.shape[-1]), codes, d).view(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         if self.reads_onednn(x):
             return onednn_product(x, [self], self.bias)
         return linear(x, self.weight, self.bias)
@@ -372,7 +400,14 @@ class Linear(nn.Linear):
         """Whether the product with x reads the kept 4-bit codes: inference of a few bf16 rows, while the codes
         match the weight. (Compiled decoding steps read the codes stacked, Llama.decode_blocks, not through here.)"""
         stored = self.__dict__.get("_int4")
-        return (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == stored[1].dtype
+        return (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16
+                and not torch.is_grad_enabled() and stored[2] == version_key(self.weight))
+
+    def reads_q8(self, x) -> bool:
+        """Whether the product with x reads the kept Q8_0 codes (keep_q8): inference of up to Q8_MAX_ROWS bf16
+        rows, while the codes match the weight."""
+        stored = self.__dict__.get("_q8")
+        return (stored is not None and self.int4 and x.numel() <= Q8_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16
                 and not torch.is_grad_enabled() and stored[2] == version_key(self.weight))
 
     def reads_onednn(self, x) -> bool:
@@ -386,9 +421,19 @@ class Linear(nn.Linear):
         codes: (out, in) integers in 0..15, out a multiple of 16 (the kernel's packing); scale, zero:
         (out, in/32), one per group of 32 inputs.
         The weight itself stays; once it changes (e.g. a LoRA merge in place) the codes are not read."""
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
-        scale_zero = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(self.weight.dtype)  # (in/32, out, 2)
-        self._int4 = (packed, scale_zero, version_key(self.weight))
+        if cpu_kernels.available() and self.in_features % 64 == 0:      # the hand-written kernel's layout
+            packed, scales = cpu_kernels.pack_q4(codes, scale, zero - 8 * scale)       # d, m of w = d * code + m
+        elif not INT4_KERNELS:
+            return                                                         # no kernel reads these codes
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+            scales = torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(self.weight.dtype)  # (in/32, out, 2)
+        self._int4 = (packed, scales, version_key(self.weight))
+
+    def keep_q8(self, codes, d):
+        """Keep Q8_0 codes of this weight, weight = codes * d, for CPU inference of a few rows (cpu_kernels.q8_linear).
+        codes: (out, in) int8; d: (out, in/32) fp16, one per group of 32 inputs. As keep_int4, the weight stays."""
+        self._q8 = (codes.contiguous(), d.to(torch.float16).contiguous(), version_key(self.weight))
 
     # switch -> where its packed weights are kept (the oneDNN copy of this weight alone, and of it stacked with
     # the weights of the Linears that share its input, fused_linears)
@@ -809,7 +854,7 @@ def block_product(x, i, weights, codes, onednn: bool):
 def reads_codes(x, codes) -> bool:
     """Whether a decoding step's products of x (B, T, in) read the 4-bit codes `codes` (one kind's, see
     block_product; None if there are none)."""
-    return codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == codes[0][1].dtype
+    return codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == torch.bfloat16
 
 
 # _convert_weight_to_int4pack_for_cpu packs the codes in blocks of 64 rows: the packed codes of weights whose
@@ -836,10 +881,12 @@ def decode_inputs(model: nn.Module) -> DecodeInputs:
     if all(m.__dict__.get("_int4") is not None and m._int4[2] == version_key(m.weight) for m in every):
         codes = []
         for per_layer in linears:                                    # one kind: per layer, its Linears
-            together = all(m.out_features % INT4_PACK_ROWS == 0 for m in per_layer[0])
+            ours = per_layer[0][0]._int4[1].dtype == torch.float16      # cpu_kernels' layout: rows are rows
+            together = ours or all(m.out_features % INT4_PACK_ROWS == 0 for m in per_layer[0])
             groups = [range(len(per_layer[0]))] if together else [[j] for j in range(len(per_layer[0]))]
             codes.append([(torch.stack([torch.cat([ms[j]._int4[0] for j in g]) for ms in per_layer]),     # (L, out, in/2)
-                           torch.stack([torch.cat([ms[j]._int4[1] for j in g], 1) for ms in per_layer]))  # (L, in/32, out, 2)
+                           torch.stack([torch.cat([ms[j]._int4[1] for j in g], 0 if ours else 1)        # (L, out, 2, in/32)
+                                        for ms in per_layer]))                                          # or (L, in/32, out, 2)
                           for g in groups])
     weights = [[[m.weight for m in ms] for ms in per_layer] for per_layer in linears]
     norms = [(b.input_layernorm.weight, b.post_attention_layernorm.weight) for b in model.layers]
@@ -953,7 +1000,7 @@ class Llama(nn.Module):
             cache.next_pos += real.sum(1)
             cache.length += T
         x = self.norm(x)                                                               # (B, T, dim)
-        if one_row_head:                                                 # a compiled step of one token in bf16
+        if one_row_head and not self.lm_head.reads_q8(x):                # a compiled step of one token in bf16
             return _compiled_row_product()(x, self.lm_head.weight)                     # (1, 1, vocab)
         return self.lm_head(x) if head else x                                          # (B, T, vocab)
 
@@ -1313,8 +1360,7 @@ def load_model(source=None, *, dtype=None, device=None, quantize=None):
 def _fill_model(args, read, names, path, dtype, device, quantize, read_codes=None):
     """Build the model on the meta device, then load each tensor (checking its shape) into place. With
     `read_codes` (a GGUF file), a bf16 model on a CPU also keeps the file's 4-bit codes for decoding."""
-    keep_codes = read_codes is not None and quantize is None and INT4_KERNELS and dtype == torch.bfloat16 \
-        and device.type == "cpu"
+    keep_codes = read_codes is not None and quantize is None and keeps_codes(dtype, device)
     with torch.device("meta"):
         model = Llama(args)
     needed = [n for n in dict(model.named_parameters()) if not (args.tie_embeddings and n == "lm_head.weight")]
@@ -1343,6 +1389,10 @@ def _fill_model(args, read, names, path, dtype, device, quantize, read_codes=Non
             quantize_linears(model.layers[layer])
     if args.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
+    head_name = "embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
+    if keep_codes and cpu_kernels.available() and (stored := read_codes(head_name, q8=True)) is not None \
+            and len(stored) == 2:
+        model.lm_head.keep_q8(*stored)  # the file's Q8_0 head, for few-row products (decoding)
     if device.type == "cpu" and dtype == torch.bfloat16:       # reordered copies for oneDNN, if they fit
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         set_onednn_weights(model, fits_in_memory(sum(m.weight.numel() * 2 for m in linears), device))
@@ -1454,15 +1504,24 @@ def _open_gguf(path: Path):
             raise CheckpointError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized ({e})") from None
         return unpermute(name, w.reshape(tuple(int(d) for d in reversed(t.shape))))  # GGUF: dims innermost first
 
-    def read_codes(name):
-        """The 4-bit codes of a Q4_0 or Q4_1 weight as stored, or None for other types:
-        (codes (out, in) uint8 in 0..15, scale and zero (out, in/32) fp32), weight = (code - 8) * scale + zero.
-        A Q4_1 block of 32 weights is fp16 d, fp16 m, then 16 bytes: weight j = d * code_j + m, code j in
-        the low nibble of byte j and code j+16 in its high nibble (Q4_0: no m, weight = d * (code - 8))."""
+    def read_codes(name, q8=False):
+        """The codes of a Q4_0 or Q4_1 weight (or with q8, a Q8_0 one) as stored, or None for other types. 4-bit: (codes (out, in)
+        uint8 in 0..15, scale and zero (out, in/32) fp32), weight = (code - 8) * scale + zero. A Q4_1 block of
+        32 weights is fp16 d, fp16 m, then 16 bytes: weight j = d * code_j + m, code j in the low nibble of
+        byte j and code j+16 in its high nibble (Q4_0: no m, weight = d * (code - 8)). Q8_0: (codes (out, in)
+        int8, d (out, in/32) fp16), weight = d * code; a block is fp16 d, then 32 int8 codes."""
         t = tensors[name]
+        out, inp = (int(d) for d in reversed(t.shape))
+        if q8 and t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            try:
+                blocks = np.asarray(t.data, dtype=np.uint8).reshape(out, inp // 32, 34)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: tensor {t.name} (Q8_0) has the wrong size ({e})") from None
+            d = blocks[..., 0:2].copy().view(np.float16)[..., 0]                             # (out, in/32)
+            codes = blocks[..., 2:].copy().view(np.int8).reshape(out, inp)                   # (out, in)
+            return unpermute(name, torch.from_numpy(codes)), unpermute(name, torch.from_numpy(d))
         if t.tensor_type not in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1):
             return None
-        out, inp = (int(d) for d in reversed(t.shape))
         has_min = t.tensor_type == gguf.GGMLQuantizationType.Q4_1
         try:
             blocks = np.asarray(t.data, dtype=np.uint8).reshape(out, inp // 32, 20 if has_min else 18)

@@ -492,21 +492,24 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
         load_model(path)
 
 
-@pytest.mark.skipif(not model_module.INT4_KERNELS, reason="this PyTorch build has no CPU 4-bit kernel")
+@pytest.mark.skipif(not model_module.keeps_codes(torch.bfloat16, torch.device("cpu")), reason="no CPU 4-bit kernel here")
 def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
     """A Q4_0/Q4_1 GGUF weight's codes (read_codes) rebuild gguf's own dequantization exactly, rotary
-    rows unpermuted as the weights; a bf16 Linear keeping them computes up to INT4_MAX_ROWS rows with
-    the 4-bit kernel (= the product with the weight rebuilt from bf16 scale and zero) and more rows, the
-    gradient, or a weight changed in place with the bf16 weight exactly."""
+    rows unpermuted as the weights, and so do a Q8_0 weight's (read_codes(q8=True)); a bf16 Linear keeping
+    them computes up to INT4_MAX_ROWS rows (Q8_MAX_ROWS) with the codes' kernel (= the product with the
+    weight the kept codes give) and more rows, the gradient, or a weight changed in place with the bf16
+    weight exactly."""
     import gguf
     import numpy as np
-    from model import INT4_MAX_ROWS, Linear, _open_gguf
+    import cpu_kernels
+    from model import INT4_MAX_ROWS, Q8_MAX_ROWS, Linear, _open_gguf
     path, rng = tmp_path / "tiny.gguf", np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in (("embedding_length", 64), ("block_count", 1), ("attention.head_count", 4),
                        ("attention.head_count_kv", 2), ("feed_forward_length", 96), ("vocab_size", 32)):
         (w.add_uint32 if isinstance(value, int) else w.add_float32)(f"llama.{key}", value)
-    kinds = {"attn_q": ("Q4_0", 64), "attn_k": ("Q4_1", 32), "ffn_up": ("Q4_1", 96), "attn_v": ("F32", 32)}
+    kinds = {"attn_q": ("Q4_0", 64), "attn_k": ("Q4_1", 32), "ffn_up": ("Q4_1", 96), "attn_v": ("F32", 32),
+             "ffn_down": ("Q8_0", 64)}
     for name, (kind, rows) in kinds.items():
         x = (rng.standard_normal((rows, 64)) * 0.05 + rng.uniform(-0.02, 0.02, (rows, 1))).astype(np.float32)
         qtype = gguf.GGMLQuantizationType[kind]
@@ -514,6 +517,10 @@ def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     _, read, _, _, read_codes = _open_gguf(path)
     assert read_codes("layers.0.self_attn.v_proj.weight") is None                    # not 4-bit
+    assert read_codes("layers.0.mlp.down_proj.weight") is None                       # Q8_0 only when asked
+    codes8, d8 = read_codes("layers.0.mlp.down_proj.weight", q8=True)
+    assert torch.equal((codes8.float().view(64, -1, 32) * d8.float()[..., None]).view(64, -1),
+                       read("layers.0.mlp.down_proj.weight"))
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"):
         codes, scale, zero = read_codes(f"layers.0.{name}.weight")
         weight = read(f"layers.0.{name}.weight")                                     # gguf.dequantize, unpermuted
@@ -524,8 +531,12 @@ def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
         layer = Linear(inp, out, bias=False)
         layer.weight = torch.nn.Parameter(weight.bfloat16(), requires_grad=False)
         layer.keep_int4(codes, scale, zero)
-        seen = ((codes.float() - 8).view(out, -1, 32) * scale.bfloat16().float()[..., None]
-                + zero.bfloat16().float()[..., None]).view(out, inp)               # scale and zero in bf16
+        if cpu_kernels.available():                      # the hand-written kernel: the file's d and m exactly
+            seen = cpu_kernels.unpack_q4(*layer._int4[:2])
+            assert torch.equal(seen, weight)
+        else:                                            # PyTorch's kernel: scale and zero in bf16
+            seen = ((codes.float() - 8).view(out, -1, 32) * scale.bfloat16().float()[..., None]
+                    + zero.bfloat16().float()[..., None]).view(out, inp)
         for rows in (1, 4, INT4_MAX_ROWS):
             x = torch.randn(rows, inp).bfloat16()
             with torch.no_grad():
@@ -540,6 +551,22 @@ def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
         with torch.no_grad():
             layer.weight.mul_(-1)                                                    # in place, as a LoRA merge
             assert torch.equal(layer(x1), F.linear(x1, layer.weight))
+    if cpu_kernels.available():                          # the Q8_0 weight through the Q8 kernel
+        weight = read("layers.0.mlp.down_proj.weight")
+        layer = Linear(64, 64, bias=False)
+        layer.weight = torch.nn.Parameter(weight.bfloat16(), requires_grad=False)
+        layer.keep_q8(codes8, d8)
+        for rows in (1, Q8_MAX_ROWS):
+            x = torch.randn(rows, 64).bfloat16()
+            with torch.no_grad():
+                got = layer(x)
+            torch.testing.assert_close(got.float(), (x.double() @ weight.double().t()).float(), atol=2e-3, rtol=1e-2)
+            assert not torch.equal(got, F.linear(x, layer.weight))
+        x = torch.randn(Q8_MAX_ROWS + 1, 64).bfloat16()
+        with torch.no_grad():
+            assert torch.equal(layer(x), F.linear(x, layer.weight))
+            layer.weight.mul_(-1)
+            assert torch.equal(layer(x[:1]), F.linear(x[:1], layer.weight))
 
 
 @pytest.mark.slow
@@ -709,9 +736,11 @@ def test_compiled_decoding_step_equals_the_eager_step(tiny_dir, monkeypatch):
     with_weights = run(b16, 19, torch.bfloat16)[0].float()
     set_int4_weights(b16, True)
     assert model_module.compile_for_inference(b16) is None
-    # the step reads the codes stacked over the layers: gate|up as one product (outs of 128, a multiple of the
-    # kernel's 64-row packing), q|k|v one each (k and v have 32 outs)
-    assert [len(kind) for kind in b16.decode_inputs[1]] == [3, 1, 1, 1]
+    # the step reads the codes stacked over the layers: gate|up as one product (outs of 128, a multiple of
+    # PyTorch's kernel's 64-row packing), q|k|v one each (k and v have 32 outs); the hand-written kernel's
+    # codes are row by row, so q|k|v are one product too
+    import cpu_kernels
+    assert [len(kind) for kind in b16.decode_inputs[1]] == ([1, 1, 1, 1] if cpu_kernels.available() else [3, 1, 1, 1])
     compiled = run(b16, 19, torch.bfloat16)[0].float()
     torch.testing.assert_close(compiled, with_codes, atol=0.05, rtol=0.02)
     assert (compiled[:, 1:] - with_weights[:, 1:]).abs().max() > 0.5          # the steps differ from the weights'
