@@ -19,8 +19,6 @@
 
 namespace {
 
-constexpr int64_t kRowsPerPass = 4;   // rows of x sharing one pass over the weights
-
 inline float bf16_to_float(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline uint16_t float_to_bf16(float f) {                         // round to nearest even
   uint32_t u; std::memcpy(&u, &f, 4); return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
@@ -130,8 +128,9 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
     for (int64_t o = o0; o < o1; o++) {
       const uint8_t* c = cp + o * (in / 2);
       const uint16_t* d16 = dp + o * 2 * nb;
-      int64_t r = 0;
-      for (; r + kRowsPerPass <= M; r += kRowsPerPass) q4_row<kRowsPerPass>(c, d16, d16 + nb, xr.data(), xsum.data(), in, r, out, o, yp);
+      int64_t r = 0;                                            // rows by 4, then 2, then 1
+      for (; r + 4 <= M; r += 4) q4_row<4>(c, d16, d16 + nb, xr.data(), xsum.data(), in, r, out, o, yp);
+      for (; r + 2 <= M; r += 2) q4_row<2>(c, d16, d16 + nb, xr.data(), xsum.data(), in, r, out, o, yp);
       for (; r < M; r++) q4_row<1>(c, d16, d16 + nb, xr.data(), xsum.data(), in, r, out, o, yp);
     }
   });
@@ -172,7 +171,8 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   at::parallel_for(0, out, 64, [&](int64_t o0, int64_t o1) {
     for (int64_t o = o0; o < o1; o++) {
       int64_t r = 0;
-      for (; r + kRowsPerPass <= M; r += kRowsPerPass) q8_row<kRowsPerPass>(cp + o * in, dp + o * (in / 32), xp, in, r, out, o, yp);
+      for (; r + 4 <= M; r += 4) q8_row<4>(cp + o * in, dp + o * (in / 32), xp, in, r, out, o, yp);
+      for (; r + 2 <= M; r += 2) q8_row<2>(cp + o * in, dp + o * (in / 32), xp, in, r, out, o, yp);
       for (; r < M; r++) q8_row<1>(cp + o * in, dp + o * (in / 32), xp, in, r, out, o, yp);
     }
   });

@@ -332,8 +332,16 @@ FP16_KERNELS = "fbgemm" in torch.backends.quantized.supported_engines
 # stores them (cpu_kernels.pack_q4): SmolLM2's 120 block products of a batch-1 step (q|k|v, o, gate|up, down
 # per layer) took 3.50 against 4.09 ms alone, and the compiled step 7.84 against 8.59 ms (medians of 10
 # alternating `generate` calls of two models in one process, 1.107x).
+# Up to 8 rows it beats the oneDNN bf16 products (SmolLM2's 210 block linears on the EPYC, ms: 6.5 against
+# 17.6 at 1 row, 11.1 against 16.9 at 4, 15.4 against 17.5 at 8, 23.6 against 19.0 at 12).
 INT4_KERNELS = hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 INT4_MAX_ROWS = 12
+Q4_MAX_ROWS = 8
+
+
+def int4_max_rows(scales) -> int:
+    """The most rows a product reads kept 4-bit codes for: by the kernel their layout is for (int4_product)."""
+    return Q4_MAX_ROWS if scales.dtype == torch.float16 else INT4_MAX_ROWS
 
 
 def int4_product(x, packed, scales):
@@ -355,8 +363,9 @@ def keeps_codes(dtype, device) -> bool:
 
 
 # The LM head of a decoding step of a few rows from the GGUF's Q8_0 codes of the (tied) embedding, by
-# cpu_kernels.q8_linear: 30 MB read against 57 MB of bf16. SmolLM2's head at 1 row, caches cold: 1.06 against
-# 2.01 ms for the compiled bf16 row_product.
+# cpu_kernels.q8_linear: 30 MB read against 57 MB of bf16. SmolLM2's head, caches cold: 1.06 against 2.01 ms
+# for the compiled bf16 row_product at 1 row; against its oneDNN copy 1.21 against 2.64 ms at 1 row, 1.89 against
+# 2.16 at 4, 3.09 against 2.15 at 6.
 Q8_MAX_ROWS = 4
 
 # oneDNN's bf16 matmul on a weight reordered once into its blocked layout (AMX / AVX-512 tiles), as
@@ -400,7 +409,7 @@ class Linear(nn.Linear):
         """Whether the product with x reads the kept 4-bit codes: inference of a few bf16 rows, while the codes
         match the weight. (Compiled decoding steps read the codes stacked, Llama.decode_blocks, not through here.)"""
         stored = self.__dict__.get("_int4")
-        return (stored is not None and self.int4 and x.numel() <= INT4_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16
+        return (stored is not None and self.int4 and x.numel() <= int4_max_rows(stored[1]) * x.shape[-1] and x.dtype == torch.bfloat16
                 and not torch.is_grad_enabled() and stored[2] == version_key(self.weight))
 
     def reads_q8(self, x) -> bool:
@@ -595,7 +604,7 @@ def fits_in_memory(nbytes: int, device, share: float = 0.125) -> bool:
 
 def set_int4_weights(model: nn.Module, on: bool = True) -> int:
     """Whether inference reads the 4-bit codes that `load_model` kept (see Linear.keep_int4) for
-    products of up to INT4_MAX_ROWS rows. Returns the number of layers that have them."""
+    products of up to int4_max_rows rows. Returns the number of layers that have them."""
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
     for m in layers:
         m.int4 = on
@@ -838,7 +847,7 @@ BLOCK_PRODUCTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 
 
 def block_product(x, i, weights, codes, onednn: bool):
     """x (B, T, in) times layer i's weights of one kind of BLOCK_PRODUCTS, stacked -> (B, T, sum of their outs),
-    in a compiled decoding step. Up to INT4_MAX_ROWS rows it reads their 4-bit codes (codes: a list of
+    in a compiled decoding step. Up to int4_max_rows rows it reads their 4-bit codes (codes: a list of
     (packed (L, out, in/2), scale_zero (L, in/32, out, 2)), each stacked over the layers, for all the weights
     of the kind at once or one each; None if the weights have no codes); else their oneDNN copy (`onednn`:
     bf16 inference on a CPU, set_onednn_weights); else `linear` each. weights[i]: layer i's weights of the kind."""
@@ -854,7 +863,7 @@ def block_product(x, i, weights, codes, onednn: bool):
 def reads_codes(x, codes) -> bool:
     """Whether a decoding step's products of x (B, T, in) read the 4-bit codes `codes` (one kind's, see
     block_product; None if there are none)."""
-    return codes is not None and x.shape[0] * x.shape[1] <= INT4_MAX_ROWS and x.dtype == torch.bfloat16
+    return codes is not None and x.shape[0] * x.shape[1] <= int4_max_rows(codes[0][1]) and x.dtype == torch.bfloat16
 
 
 # _convert_weight_to_int4pack_for_cpu packs the codes in blocks of 64 rows: the packed codes of weights whose

@@ -13,8 +13,9 @@ without AMX: CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F
 llama-cpp-python. Each figure is the median of --repeats runs after a warm-up. Speed is reported as
 ratios, since the machine is shared.
 
-A bf16 load of the GGUF keeps its Q4_1 codes, and decoding steps of up to 12 rows read them with
-PyTorch's CPU 4-bit kernel (`model.Linear.keep_int4`); ours is also run with the bf16 weights only.
+A bf16 load of the GGUF keeps its Q4_1 codes (and its Q8_0 LM head), and decoding steps of a few rows read
+them (`model.Linear.keep_int4`, `keep_q8`): with the hand-written kernels of `cpu_kernels.cpp` on a CPU with
+AVX-512-BF16, else with PyTorch's CPU 4-bit kernel; ours is also run with the bf16 weights only.
 
 Decode at batch 1 is also measured with prompt-lookup guesses (speculative decoding that copies from the
 context, `--draft` tokens per step, the same greedy tokens) on all three sides: ours (`generate(...,

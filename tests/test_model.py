@@ -496,13 +496,13 @@ def test_gguf_of_another_architecture_is_refused(tmp_path):
 def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
     """A Q4_0/Q4_1 GGUF weight's codes (read_codes) rebuild gguf's own dequantization exactly, rotary
     rows unpermuted as the weights, and so do a Q8_0 weight's (read_codes(q8=True)); a bf16 Linear keeping
-    them computes up to INT4_MAX_ROWS rows (Q8_MAX_ROWS) with the codes' kernel (= the product with the
+    them computes up to int4_max_rows rows (Q8_MAX_ROWS) with the codes' kernel (= the product with the
     weight the kept codes give) and more rows, the gradient, or a weight changed in place with the bf16
     weight exactly."""
     import gguf
     import numpy as np
     import cpu_kernels
-    from model import INT4_MAX_ROWS, Q8_MAX_ROWS, Linear, _open_gguf
+    from model import Q8_MAX_ROWS, Linear, _open_gguf, int4_max_rows
     path, rng = tmp_path / "tiny.gguf", np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), "llama")
     for key, value in (("embedding_length", 64), ("block_count", 1), ("attention.head_count", 4),
@@ -537,13 +537,14 @@ def test_gguf_4bit_codes_give_the_files_weights_and_few_row_products(tmp_path):
         else:                                            # PyTorch's kernel: scale and zero in bf16
             seen = ((codes.float() - 8).view(out, -1, 32) * scale.bfloat16().float()[..., None]
                     + zero.bfloat16().float()[..., None]).view(out, inp)
-        for rows in (1, 4, INT4_MAX_ROWS):
+        max_rows = int4_max_rows(layer._int4[1])
+        for rows in (1, 4, max_rows):
             x = torch.randn(rows, inp).bfloat16()
             with torch.no_grad():
                 got = layer(x)
             torch.testing.assert_close(got.float(), x.float() @ seen.t(), atol=2e-3, rtol=1e-2)
             assert not torch.equal(got, F.linear(x, layer.weight))                   # really the 4-bit kernel
-        x = torch.randn(INT4_MAX_ROWS + 1, inp).bfloat16()
+        x = torch.randn(max_rows + 1, inp).bfloat16()
         with torch.no_grad():
             assert torch.equal(layer(x), F.linear(x, layer.weight))
         x1 = x[:1]
