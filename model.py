@@ -604,7 +604,11 @@ def fits_in_memory(nbytes: int, device, share: float = 0.125) -> bool:
 
 def set_int4_weights(model: nn.Module, on: bool = True) -> int:
     """Whether inference reads the 4-bit codes that `load_model` kept (see Linear.keep_int4) for
-    products of up to int4_max_rows rows. Returns the number of layers that have them."""
+    products of up to int4_max_rows rows, and the Q8_0 codes (keep_q8, the LM head) for up to Q8_MAX_ROWS.
+    Returns the number of layers that have 4-bit codes."""
+    for m in model.modules():
+        if isinstance(m, Linear) and m.__dict__.get("_q8") is not None:
+            m.int4 = on
     layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
     for m in layers:
         m.int4 = on

@@ -900,15 +900,18 @@ def test_smollm2_logits_and_greedy_match_transformers(smollm, smollm_hf):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not model_module.INT4_KERNELS, reason="this PyTorch build has no CPU 4-bit kernel")
+@pytest.mark.skipif(not model_module.keeps_codes(torch.bfloat16, torch.device("cpu")), reason="no CPU 4-bit kernel here")
 def test_smollm2_bf16_decodes_from_the_files_4bit_codes_as_closely_as_from_bf16_weights(smollm_path, smollm):
-    """The embedded GGUF stores the block linears in Q4_1: a bf16 load keeps their codes and decoding steps
-    read them. Teacher-forced one token at a time against the fp32 model, the next-token distributions
-    are as close as with the bf16 weights (we observe KL ~1e-3 either way, top-1 agreement 96-100%)."""
+    """The embedded GGUF stores the block linears in Q4_1 (and the tied embedding in Q8_0): a bf16 load keeps
+    their codes and decoding steps read them (the head's with cpu_kernels). Teacher-forced one token at a
+    time against the fp32 model, the next-token distributions are as close as with the bf16 weights (we
+    observe KL ~1e-3 either way, top-1 agreement 96-100%)."""
+    import cpu_kernels
     from model import set_int4_weights
     m32, tok = smollm
     model, _ = load_model(smollm_path, dtype=torch.bfloat16, device="cpu")
     assert set_int4_weights(model) == 7 * 30
+    assert ("_q8" in model.lm_head.__dict__) == cpu_kernels.available()
     ids = tok.apply_chat(REAL_CHAT)
     ids = ids + generate(m32, [ids], 24)[0]
     P, x = len(ids) - 24, torch.tensor([ids])
