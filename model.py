@@ -606,13 +606,11 @@ def set_int4_weights(model: nn.Module, on: bool = True) -> int:
     """Whether inference reads the 4-bit codes that `load_model` kept (see Linear.keep_int4) for
     products of up to int4_max_rows rows, and the Q8_0 codes (keep_q8, the LM head) for up to Q8_MAX_ROWS.
     Returns the number of layers that have 4-bit codes."""
-    for m in model.modules():
-        if isinstance(m, Linear) and m.__dict__.get("_q8") is not None:
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    for m in linears:
+        if "_int4" in m.__dict__ or "_q8" in m.__dict__:
             m.int4 = on
-    layers = [m for m in model.modules() if isinstance(m, Linear) and m.__dict__.get("_int4") is not None]
-    for m in layers:
-        m.int4 = on
-    return len(layers)
+    return sum("_int4" in m.__dict__ for m in linears)
 
 
 def rms_norm(x, weight, eps):
@@ -852,11 +850,11 @@ BLOCK_PRODUCTS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 
 def block_product(x, i, weights, codes, onednn: bool):
     """x (B, T, in) times layer i's weights of one kind of BLOCK_PRODUCTS, stacked -> (B, T, sum of their outs),
     in a compiled decoding step. Up to int4_max_rows rows it reads their 4-bit codes (codes: a list of
-    (packed (L, out, in/2), scale_zero (L, in/32, out, 2)), each stacked over the layers, for all the weights
+    (packed, scales) as int4_product takes them, each stacked over the layers (L, ...), for all the weights
     of the kind at once or one each; None if the weights have no codes); else their oneDNN copy (`onednn`:
     bf16 inference on a CPU, set_onednn_weights); else `linear` each. weights[i]: layer i's weights of the kind."""
     if reads_codes(x, codes):
-        ys = [int4_product(x, packed[i], scale_zero[i]) for packed, scale_zero in codes]
+        ys = [int4_product(x, packed[i], scales[i]) for packed, scales in codes]
     elif onednn:
         return onednn_linear(x, weights[i], None)
     else:
@@ -1405,7 +1403,7 @@ def _fill_model(args, read, names, path, dtype, device, quantize, read_codes=Non
     head_name = "embed_tokens.weight" if args.tie_embeddings else "lm_head.weight"
     if keep_codes and cpu_kernels.available() and (stored := read_codes(head_name, q8=True)) is not None \
             and len(stored) == 2:
-        model.lm_head.keep_q8(*stored)  # the file's Q8_0 head, for few-row products (decoding)
+        model.lm_head.keep_q8(*stored)  # the file's Q8_0 head, for few-row products (a 4-bit head: bf16 only)
     if device.type == "cpu" and dtype == torch.bfloat16:       # reordered copies for oneDNN, if they fit
         linears = [m for m in model.modules() if isinstance(m, Linear)]
         set_onednn_weights(model, fits_in_memory(sum(m.weight.numel() * 2 for m in linears), device))
