@@ -1,7 +1,7 @@
 """Hand-written CPU kernels for decoding with a GGUF file's own 4-bit and 8-bit weights (engine speed, issue #8).
 
-Not part of the paper's method: they make the engine's decoding steps, which synthesis (paper Section 3.2)
-and evaluation (Section 5) run by the thousand, faster on a CPU with AVX-512 and BF16. At batch 1 a step
+Not part of the paper's method: they make the engine's decoding steps, which synthesis (paper Section 5,
+Appendix A) and evaluation (Section 6) run by the thousand, faster on a CPU with AVX-512 and BF16. At batch 1 a step
 reads every weight once for one row of activations, so it runs at the rate the weights are decoded.
 cpu_kernels.cpp reads the file's blocks as stored:
   - q4_linear: Q4_1 (the embedded SmolLM2's block weights), 1.7x PyTorch's 4-bit CPU kernel per core;
