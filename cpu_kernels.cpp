@@ -19,7 +19,6 @@
 
 namespace {
 
-inline float bf16_to_float(uint16_t h) { uint32_t u = uint32_t(h) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 inline uint16_t float_to_bf16(float f) {                         // round to nearest even
   uint32_t u; std::memcpy(&u, &f, 4); return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
 }
