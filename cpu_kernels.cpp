@@ -1,4 +1,5 @@
-// Hand-written CPU kernels for the few-row products of decoding with the GGUF file's own weights
+// Hand-written CPU kernels for the few-row products of decoding with the GGUF file's own weights, and for two
+// pieces of the QLoRA training step: dropout's keep mask and the causal attention's softmax
 // (AVX-512 with BF16; built and loaded by cpu_kernels.py, which falls back to PyTorch's kernels elsewhere).
 //
 // A decoding step at batch 1 reads every weight once for one row of activations: it is bound by how fast
@@ -12,6 +13,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -178,15 +180,105 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
   return y;
 }
 
+// e^x for x <= 0 in fp32 (relative error ~1e-7 above the underflow, 0 below -87.3): x log2(e) = k + f with
+// f in [-1/2, 1/2], 2^f by its Taylor polynomial of degree 6, times 2^k by vscalefps.
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(1.44269504088896f));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, k);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);             // (ln 2)^6 / 6!, then down to 1
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428441e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24022650695910071f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69314718055994531f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, k);
+}
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {        // 16 bf16 (masked lanes 0) -> fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
+inline __mmask16 lanes(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+
+// Softmax of a block of causal attention scores (model.causal_attention_by_blocks): scores (..., n*g, end) bf16,
+// rows ordered (query, head) for n queries of g heads each, the queries' own keys the last n. Row r sees the keys up
+// to end - n + r / g; the rest get probability 0, with no mask added first. fp32 inside, rounded once to bf16.
+at::Tensor causal_softmax(const at::Tensor& scores, int64_t n, int64_t g) {
+  TORCH_CHECK(scores.scalar_type() == at::kBFloat16 && scores.is_contiguous() && scores.dim() >= 2,
+              "causal_softmax: scores must be contiguous bf16 (..., n*g, end)");
+  const int64_t end = scores.size(-1), rows_per_block = scores.size(-2), rows = scores.numel() / end;
+  TORCH_CHECK(rows_per_block == n * g && n <= end, "causal_softmax: scores must have n*g rows of at least n keys");
+  at::Tensor probs = at::empty_like(scores);
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scores.data_ptr());
+  uint16_t* pp = reinterpret_cast<uint16_t*>(probs.data_ptr());
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> e(end);
+    for (int64_t r = r0; r < r1; r++) {
+      const uint16_t* row = sp + r * end;
+      uint16_t* out = pp + r * end;
+      const int64_t seen = end - n + (r % rows_per_block) / g + 1;  // keys this row may attend to
+      __m512 mx = _mm512_set1_ps(-INFINITY);
+      for (int64_t j = 0; j < seen; j += 16) {
+        const __mmask16 m = lanes(seen - j);
+        mx = _mm512_mask_max_ps(mx, m, mx, load_bf16(row + j, m));
+      }
+      const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t j = 0; j < seen; j += 16) {
+        const __mmask16 m = lanes(seen - j);
+        const __m512 x = exp_nonpositive(_mm512_sub_ps(load_bf16(row + j, m), top));
+        sum = _mm512_mask_add_ps(sum, m, sum, x);
+        _mm512_mask_storeu_ps(e.data() + j, m, x);
+      }
+      const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+      for (int64_t j = 0; j < end; j += 16) {
+        const __mmask16 m = lanes(end - j);
+        const __mmask16 kept = j < seen ? lanes(seen - j) : __mmask16(0);
+        const __m512 x = _mm512_maskz_mul_ps(kept, _mm512_maskz_loadu_ps(kept, e.data() + j), inv);
+        _mm256_mask_storeu_epi16(out + j, m, (__m256i)_mm512_cvtneps_pbh(x));
+      }
+    }
+  });
+  return probs;
+}
+
+// Dropout's keep mask for LoRA training (the bits of lora.hashed_keep): element i is dropped when the low 16 bits
+// of fmix32(i * 0x9E3779B1 + seed) fall below `drop`. Plain C++ that g++ vectorizes with unsigned 32-bit
+// arithmetic; the same hash in PyTorch's int32 ops, fused by inductor, costs ~6x as much per element.
+at::Tensor keep_mask(int64_t n, int64_t seed, int64_t drop) {
+  TORCH_CHECK(n >= 0 && n <= (int64_t(1) << 32), "keep_mask: n must fit in 32 bits");
+  at::Tensor keep = at::empty({n}, at::TensorOptions().dtype(at::kChar));
+  int8_t* kp = keep.data_ptr<int8_t>();
+  const uint32_t s = uint32_t(seed), t = uint32_t(drop);
+  at::parallel_for(0, n, 1 << 16, [kp, s, t](int64_t i0, int64_t i1) {   // by value: no aliasing for g++
+    int8_t* out = kp + i0;
+    const uint32_t first = uint32_t(i0);
+    for (int64_t j = 0; j < i1 - i0; j++) {            // this form g++ vectorizes (64-byte vectors)
+      uint32_t h = (first + uint32_t(j)) * 0x9E3779B1u + s;
+      h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+      out[j] = (h & 0xFFFFu) >= t;
+    }
+  });
+  return keep;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(genpi_cpu, m) {
   m.def("q4_linear(Tensor x, Tensor codes, Tensor dm) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor codes, Tensor d) -> Tensor");
+  m.def("keep_mask(int n, int seed, int drop) -> Tensor");
+  m.def("causal_softmax(Tensor scores, int n, int g) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(genpi_cpu, CPU, m) {
   m.impl("q4_linear", q4_linear);
   m.impl("q8_linear", q8_linear);
+  m.impl("causal_softmax", causal_softmax);
+}
+TORCH_LIBRARY_IMPL(genpi_cpu, CompositeExplicitAutograd, m) {   // no tensor input to dispatch on
+  m.impl("keep_mask", keep_mask);
 }
 
 #endif

@@ -1,15 +1,18 @@
-"""Hand-written CPU kernels for decoding with a GGUF file's own 4-bit and 8-bit weights (engine speed, issue #8).
+"""Hand-written CPU kernels: decoding with a GGUF file's own 4-bit and 8-bit weights, and two pieces of the QLoRA
+training step (engine and training speed, issue #8).
 
 Not part of the paper's method: they make the engine's decoding steps, which synthesis (paper Section 5,
-Appendix A) and evaluation (Section 6) run by the thousand, faster on a CPU with AVX-512 and BF16. At batch 1 a step
-reads every weight once for one row of activations, so it runs at the rate the weights are decoded.
-cpu_kernels.cpp reads the file's blocks as stored:
+Appendix A) and evaluation (Section 6) run by the thousand, and the LoRA training step (Section 4, Appendix C.4)
+faster on a CPU with AVX-512 and BF16. At batch 1 a step reads every weight once for one row of activations, so
+it runs at the rate the weights are decoded. cpu_kernels.cpp reads the file's blocks as stored:
   - q4_linear: Q4_1 (the embedded SmolLM2's block weights), 1.7x PyTorch's 4-bit CPU kernel per core;
-  - q8_linear: Q8_0 (its tied embedding, as the LM head), 30 MB read against 57 MB of bf16.
+  - q8_linear: Q8_0 (its tied embedding, as the LM head), 30 MB read against 57 MB of bf16;
+and for training (and prefill):
+  - keep_mask: LoRA dropout's keep mask, the bits of lora.hashed_keep, ~4x faster than those PyTorch ops;
+  - causal_softmax: the softmax of model.causal_attention_by_blocks, masking as it goes, ~2x PyTorch's.
 The C++ file is compiled once per machine with the system's g++ (~10 s) into ~/.cache/genpi (or
-$GENPI_CACHE) and loaded as the torch ops genpi_cpu::q4_linear and genpi_cpu::q8_linear, which compiled graphs
-call from C++. Without g++, AVX-512-BF16 or on GENPI_CPU_KERNELS=0, `available()` is False and the model
-uses PyTorch's kernels instead.
+$GENPI_CACHE) and loaded as the torch ops genpi_cpu.*, which compiled graphs call from C++. Without g++,
+AVX-512-BF16 or on GENPI_CPU_KERNELS=0, `available()` is False and the callers use PyTorch's ops instead.
 
     import cpu_kernels
     if cpu_kernels.available():
@@ -18,6 +21,7 @@ uses PyTorch's kernels instead.
 """
 import functools
 import hashlib
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +107,18 @@ def q8_linear(x, codes, d):
     return torch.ops.genpi_cpu.q8_linear(x, codes, d)
 
 
+def keep_mask(shape, seed: int, drop: int):
+    """Dropout's keep mask of `shape` (int8, 1 = kept): lora.hashed_keep's bits for the same seed and drop."""
+    return torch.ops.genpi_cpu.keep_mask(math.prod(shape), seed, drop).view(shape)
+
+
+def causal_softmax(scores, n: int, g: int):
+    """softmax(-1) of a block of causal attention scores (model.causal_attention_by_blocks): scores (..., n*g, end)
+    bf16, rows ordered (query, head) for n queries of g heads, the queries' own keys the last n; each row only over
+    the keys its query may see, the rest 0. -> the same shape, bf16."""
+    return torch.ops.genpi_cpu.causal_softmax(scores.contiguous(), n, g)
+
+
 def pack_q4(codes, d, m):
     """A Q4_1 weight, w[o, 32b + j] = d[o, b] * codes[o, 32b + j] + m[o, b], in q4_linear's layout:
     codes (out, in) in 0..15 -> (out, in/2) uint8, byte j of block b holding code j (low nibble) and code
@@ -131,4 +147,12 @@ def _register_shapes():
     @torch.library.register_fake("genpi_cpu::q8_linear")
     def _(x, codes, d):
         return x.new_empty(x.shape[0], codes.shape[0])
+
+    @torch.library.register_fake("genpi_cpu::causal_softmax")
+    def _(scores, n, g):
+        return torch.empty_like(scores)
+
+    @torch.library.register_fake("genpi_cpu::keep_mask")
+    def _(n, seed, drop):
+        return torch.empty(n, dtype=torch.int8)
 

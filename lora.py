@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import compiler_unavailable
+import cpu_kernels
+from model import compiler_unavailable, fused_linears
 from quant import LINEAR_NAMES, Linear4bit
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -110,14 +111,19 @@ def dropout_threshold(p: float) -> tuple[int, float]:
 
 
 def cpu_keep_mask(shape, p: float, device="cpu"):
-    """Dropout's keep mask (int8, 1 = kept) and the scale of the kept elements, by hashed_keep with a new seed.
-    nn.Dropout draws one random number per element from the CPU's mt19937 (~4 ns each); the hash costs less,
-    and compiled it is fused into the training graph. QLoRA step of 4 x 512 tokens, bf16, compiled, on the
-    2-core AMD EPYC, 10 alternating steps in one process: median 1.096x faster than 16-bit random numbers cut
-    from torch's 64-bit draws (the mask this replaced, itself 3x faster than nn.Dropout's), every pair faster;
-    eagerly the two cost the same (5.8 against 5.7 ms for a 2,048 x 1,536 input)."""
+    """Dropout's keep mask (int8, 1 = kept) and the scale of the kept elements, by hashed_keep with a new seed:
+    its bits from cpu_kernels.keep_mask where the kernels are built, else from hashed_keep's PyTorch ops.
+    nn.Dropout draws one random number per element from the CPU's mt19937 (~4 ns each); the hash costs less.
+    QLoRA step of 4 x 512 tokens, bf16, compiled, on the 2-core AMD EPYC, 10 alternating steps in one process:
+    hashed_keep's ops 1.096x faster than 16-bit random numbers cut from torch's 64-bit draws (the mask this
+    replaced, itself 3x faster than nn.Dropout's), every pair faster. The kernel writes a mask of 4 x 512 x 1,536 in
+    0.33 ms, where hashed_keep's ops, fused into a compiled graph, cost ~1.2 ms more than its product alone, and
+    the graph hashed each mask again for the backward (see compile_for_training)."""
     drop, scale = dropout_threshold(p)
-    return hashed_keep(shape, draw_seed(), drop, device), scale
+    seed = draw_seed()
+    if torch.device(device).type == "cpu" and cpu_kernels.available():
+        return cpu_kernels.keep_mask(shape, int(seed), drop), scale
+    return hashed_keep(shape, seed, drop, device), scale
 
 
 def cpu_dropout_unscaled(x, p: float):
@@ -152,21 +158,9 @@ class LoRALinear(nn.Module):
         out = self.base(x)                                                    # (..., out)
         if not self.enabled or self.merged:
             return out
-        # The update runs in x's (compute) dtype, as autocast would run it; A and B stay fp32 master
-        # weights and get fp32 gradients. In bf16 this saves casting each (tokens, in) input and
-        # (tokens, out) update to fp32 and back, forward and backward. alpha / r scales B's (out, r)
-        # weight, not the (..., out) product: one pass less. QLoRA step of 4 x 512 tokens, bf16, 2-core
-        # Xeon: 7.19 s/step with the update in fp32 and the product scaled, 6.34-6.83 s with B scaled
-        # (bench_qlora.py); in bf16, 4.41 against 5.99 s (median of 4 alternating steps in one process);
-        # bench_qlora.py: 4.59 and 4.38 s against transformers + peft bf16 9.29 and 9.01 s (2.03x, 2.06x).
-        # dropout's scale goes into A's (r, in) weight, not over the (..., in) input, and its mask is a
-        # 0/1 tensor in x's dtype (cpu_dropout_unscaled): QLoRA step of 4 x 512 tokens, bf16, 2-core
-        # Xeon, 6 alternating pairs in one process: 4.60 s (median) with the bool mask and scaled
-        # input, 4.32 s with this.
-        kept, keep_scale = self.dropped(x)
-        a = self.lora_A.weight if keep_scale == 1.0 else self.lora_A.weight * keep_scale     # no op at inference
-        h = F.linear(kept, a.to(x.dtype))                                                    # (..., r)
-        return out + F.linear(h, (self.lora_B.weight * self.scale).to(x.dtype)).to(out.dtype)  # (..., out)
+        # the update in x's dtype, B and dropout's scale folded into the weights: see low_rank_updates
+        (update,) = low_rank_updates(x, [self])
+        return out + update.to(out.dtype)                                                     # (..., out)
 
     def dropped(self, x):
         """dropout(x) as (x with the dropped elements zeroed, in x's dtype; the scale of the kept ones):
@@ -178,8 +172,8 @@ class LoRALinear(nn.Module):
         if not self.drops:
             return x, 1.0
         if torch.compiler.is_compiling():         # in a block of compile_for_training, which drew the seed
-            drawn, scale = self.compiled_keep     # on a CPU the seed of hashed_keep, elsewhere the mask itself
-            if x.device.type == "cpu":
+            drawn, scale = self.compiled_keep     # the keep mask, or the seed of hashed_keep for the graph to hash
+            if drawn.dim() == 0:
                 drawn = hashed_keep(x.shape, drawn, dropout_threshold(self.dropout.p)[0], x.device)
             return x * drawn.to(x.dtype), scale
         version = None if x.is_inference() else x._version                     # inference tensors have none
@@ -218,8 +212,70 @@ class LoRALinear(nn.Module):
                 self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
             self.merged = False
 
+    @staticmethod
+    def fused_forward(x, layers: list["LoRALinear"]):
+        """[layer(x) for layer in layers] for LoRA layers that read the same x (q, k, v; gate, up:
+        model.fused_linears), with gradients on: their updates through one low_rank_updates. None where they
+        cannot share it (a layer off or merged, other ranks or dropouts)."""
+        first = layers[0]
+        if not (torch.is_grad_enabled() and all(m.enabled and not m.merged for m in layers)
+                and all(m.lora_A.out_features == first.lora_A.out_features and m.dropout.p == first.dropout.p
+                        and m.drops == first.drops for m in layers)):
+            return None
+        bases = fused_linears(x, [m.base for m in layers])                        # (..., out) each
+        return [y + u.to(y.dtype) for y, u in zip(bases, low_rank_updates(x, layers))]
+
     def extra_repr(self) -> str:
         return f"r={self.lora_A.out_features}, scale={self.scale:g}"
+
+
+def low_rank_updates(x, layers: list["LoRALinear"]) -> list[torch.Tensor]:
+    """[B A dropout(x) * alpha / r for each layer], for LoRA layers that read the same x (q, k, v share it, as do
+    gate and up, and share its dropout mask), in x's dtype: (..., in) -> [(..., out) per layer]. Their A's are
+    stacked (k r, in) for one product, and with gradients on, _LowRankUpdates runs the backward's products.
+    The update runs in x's (compute) dtype, as autocast would run it; A and B stay fp32 master weights and get
+    fp32 gradients. alpha / r scales B's (out, r) weight, not the (..., out) product, and dropout's scale A's:
+    one pass less each. Their history on the 2-core Xeon, QLoRA step of 4 x 512 tokens: 7.19 s/step with the
+    update in fp32 and the product scaled, 6.34-6.83 s with B scaled, then in bf16 4.41 against 5.99 s; the
+    mask as a 0/1 tensor in x's dtype rather than a bool mask and a scaled input: 4.32 against 4.60 s."""
+    kept, keep_scale = layers[0].dropped(x)                  # one mask for the group (dropped)
+    a = torch.cat([m.lora_A.weight for m in layers]) if len(layers) > 1 else layers[0].lora_A.weight  # (k r, in)
+    if keep_scale != 1.0:
+        a = a * keep_scale                                   # no op at inference
+    bs = [(m.lora_B.weight * m.scale).to(x.dtype) for m in layers]                     # (out, r) each
+    if torch.is_grad_enabled():
+        return _LowRankUpdates.apply(kept, a.to(x.dtype), *bs)
+    h = F.linear(kept, a.to(x.dtype))                        # (..., k r); inference: no autograd.Function
+    r = layers[0].lora_A.out_features
+    return [F.linear(h[..., i * r:(i + 1) * r], b) for i, b in enumerate(bs)]
+
+
+
+class _LowRankUpdates(torch.autograd.Function):
+    """low_rank_updates' products, forward and backward: the stacked A's one product each way, and B's gradient
+    computed as (h^T g)^T, (r, M) @ (M, out), where the compiled autograd graph ran g^T h, (out, M) @ (M, r): for
+    (2,048, 1,536) on the 2-core AMD EPYC 0.42 against 0.76 ms. The QLoRA step of bench_qlora.py, 8 alternating
+    steps in one process: median 1.006x faster than autograd over the unstacked products (noisy; 8 of 10 pairs
+    faster with the attention's own backward, model._CausalAttentionByBlocks, together 1.012x)."""
+
+    @staticmethod
+    def forward(ctx, x, a, *bs):                  # x: (..., in); a: (k r, in); bs: k of (out, r)
+        x2 = x.reshape(-1, x.shape[-1])                                            # (M, in)
+        h = x2 @ a.t()                                                             # (M, k r)
+        r = h.shape[1] // len(bs)
+        ctx.save_for_backward(x2, a, h, *bs)
+        ctx.in_shape = x.shape
+        return tuple((h[:, i * r:(i + 1) * r] @ b.t()).view(*x.shape[:-1], -1) for i, b in enumerate(bs))  # (..., out)
+
+    @staticmethod
+    def backward(ctx, *grads):                    # grads: k of (..., out)
+        x2, a, h, *bs = ctx.saved_tensors
+        r = h.shape[1] // len(bs)
+        gs = [g.reshape(-1, g.shape[-1]) for g in grads]                           # (M, out) each
+        gh = torch.cat([g @ b for g, b in zip(gs, bs)], 1)                          # (M, k r)
+        gbs = [(h[:, i * r:(i + 1) * r].t() @ g).t() for i, g in enumerate(gs)]    # (out, r) each
+        gx = (gh @ a).view(ctx.in_shape) if ctx.needs_input_grad[0] else None       # (..., in)
+        return gx, gh.t() @ x2, *gbs
 
 
 # ----------------------------------------------------------------------------- compiled training blocks
@@ -233,10 +289,13 @@ def compile_for_training(model, dynamic=None) -> int:
     SiLU, residual adds, the LoRA updates and the dropout masks) into a few kernels, forward and
     backward (~20-40 s to compile on 2 cores, seconds from inductor's disk cache). NF4
     weights must be kept dequantized (`quant.keep_dequantized`): inside the graph a layer reads its
-    kept copy. On a CPU the dropout masks are hashed inside the graph (hashed_keep; inductor's own CPU
-    random numbers were slower than the rest of the block's element-wise work together): before each
-    block runs, its masks' seeds are drawn in the order the eager forward draws them, so a seed gives the
-    same masks either way. Returns the number of blocks compiled."""
+    kept copy. On a CPU the dropout masks are hashed (hashed_keep; inductor's own CPU random numbers were
+    slower than the rest of the block's element-wise work together): before each block runs, its masks' seeds
+    are drawn in the order the eager forward draws them, so a seed gives the same masks either way. With
+    cpu_kernels built, the masks themselves are made there and passed in (the graph saves them for the
+    backward); otherwise the graph hashes the seeds, in the forward and again in the backward. The QLoRA step of
+    bench_qlora.py on the 2-core AMD EPYC, 8 alternating steps in one process: median 1.032x faster with the
+    masks passed in. Returns the number of blocks compiled."""
     why_not = compile_unavailable(model)
     if why_not:
         raise ValueError(f"compile_for_training: {why_not}; train uncompiled")
@@ -268,8 +327,12 @@ def _compiled_training_forward(block, compiled):
             reader = layers[0]
             if reader.drops and reader.enabled and not reader.merged:
                 shape, p = (*x.shape[:-1], reader.in_features), reader.dropout.p
-                keep = ((draw_seed(), dropout_threshold(p)[1]) if x.device.type == "cpu" else     # the graph hashes it
-                        (torch.rand(shape, device=x.device) >= p, 1 / (1 - p)))
+                if x.device.type != "cpu":
+                    keep = (torch.rand(shape, device=x.device) >= p, 1 / (1 - p))
+                elif cpu_kernels.available():             # the graph reads the mask
+                    keep = cpu_keep_mask(shape, p)
+                else:                                     # the graph hashes it from the seed
+                    keep = (draw_seed(), dropout_threshold(p)[1])
                 for m in layers:
                     m.compiled_keep = keep
         out = compiled(x, cos, sin, mask, cache)

@@ -245,27 +245,77 @@ def causal_attention_by_blocks(q, k, v, block=ATTENTION_BLOCK):
     (token, head) so that a block of tokens is a block of rows.
     Why: without AMX, SDPA's CPU flash kernel runs far below the bf16 matmul rate. On 2 AMD EPYC cores
     (AVX-512-BF16, no AMX), SmolLM2's shapes per layer: 1,100 tokens 8.6-10.5 against 13.3-14.0 ms, 512 tokens 2.2
-    against 4.2 ms; training (4 x 512, forward and backward through autograd) 31-33 against 63 ms. In fp32 it
+    against 4.2 ms; training (4 x 512, forward and backward, _CausalAttentionByBlocks) ~21 against 63 ms. In fp32 it
     is not faster (bf16 only, Attention.attend). The scores are rounded to bf16 by the matmul, as in
     transformers' eager attention (SDPA's kernel keeps them in fp32): on random inputs its largest error
     against fp64 is 0.011-0.016 against SDPA's 0.007-0.008."""
-    B, H, T, hd = q.shape
-    KVH, S = k.shape[1], k.shape[2]
-    g = H // KVH
-    qg = (q.view(B, KVH, g, T, hd).transpose(2, 3) * hd ** -0.5).reshape(B, KVH, T * g, hd)   # (B, KVH, Tg, hd)
-    # oneDNN's bmm copies a strided operand first: a slice of the keys transposed once here is copied row by row,
-    # where a slice of k.transpose(-1, -2) took a transposing copy per block. The same products; per layer on the
-    # 2-core AMD EPYC (medians of 40-100): 1,100 tokens 9.91 against 10.00 ms; 4 x 512, forward and backward,
-    # 29.3 against 30.7 ms
-    kt = k.transpose(-1, -2).contiguous()                                      # (B, KVH, hd, S)
-    ys = []
-    for first in range(0, T, block):
-        n, end = min(block, T - first), S - T + min(first + block, T)        # n queries, keys up to the last one's
-        scores = qg[:, :, first * g:(first + n) * g] @ kt[..., :end]                        # (B, KVH, ng, end)
-        diagonal = scores.view(B, KVH, n, g, end)[..., end - n:]             # (B, KVH, n, g, n), the block's own keys
-        diagonal += _causal_bias(n, g, q.dtype, q.device)
-        ys.append((scores.softmax(-1) @ v[:, :, :end]).view(B, KVH, n, g, hd))
-    return torch.cat(ys, 2).transpose(1, 2).reshape(B, T, H * hd)              # (B, KVH, T, g, hd) -> (B, T, H*hd)
+    return _CausalAttentionByBlocks.apply(q, k, v, block)
+
+
+def _query_blocks(T: int, S: int, block: int):
+    """(first query, number of queries n, keys up to the last one's) of each block, the queries in the last T
+    of S slots."""
+    return [(first, min(block, T - first), S - T + min(first + block, T)) for first in range(0, T, block)]
+
+
+class _CausalAttentionByBlocks(torch.autograd.Function):
+    """causal_attention_by_blocks, forward and backward by the same query blocks. Its own backward, because
+    autograd's would zero a full-size gradient of the keys and of the values for each block's slice of them
+    and add those up, clone the scores for the in-place mask, and undo the concatenation and the layouts op by
+    op. It keeps each block's probabilities (what autograd's softmax keeps), sums the keys' and values'
+    gradients over the blocks in fp32, and runs the same products. SmolLM2's layer at 4 x 512 tokens, forward
+    and backward, on the 2-core AMD EPYC (medians of 20, three rounds): 20.5-21.0 against 22.6-23.1 ms.
+    In bf16 with cpu_kernels built, each block's softmax skips the keys its rows may not see instead of adding
+    a mask first (cpu_kernels.causal_softmax, the same probabilities up to a bf16 rounding in ~1 of 30,000):
+    forward 7.2-7.8 against 8.5-8.7 ms per layer, forward and backward 23.2-23.4 against 24.3-27.4 ms."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, block):           # q: (B, H, T, hd); k, v: (B, KVH, S, hd)
+        B, H, T, hd = q.shape
+        KVH, S = k.shape[1], k.shape[2]
+        g = H // KVH
+        qg = (q.view(B, KVH, g, T, hd).transpose(2, 3) * hd ** -0.5).reshape(B, KVH, T * g, hd)   # (B, KVH, Tg, hd)
+        # oneDNN's bmm copies a strided operand first: a slice of the keys transposed once here is copied row by
+        # row, where a slice of k.transpose(-1, -2) took a transposing copy per block. The same products; per
+        # layer on the 2-core AMD EPYC (medians of 40-100): 1,100 tokens 9.91 against 10.00 ms
+        kt = k.transpose(-1, -2).contiguous()                                      # (B, KVH, hd, S)
+        y = q.new_empty(B, T, KVH, g, hd)
+        probs = []
+        fused_softmax = q.dtype == torch.bfloat16 and q.device.type == "cpu" and cpu_kernels.available()
+        for first, n, end in _query_blocks(T, S, block):
+            scores = qg[:, :, first * g:(first + n) * g] @ kt[..., :end]                        # (B, KVH, ng, end)
+            if fused_softmax:                                                     # masks as it goes
+                p = cpu_kernels.causal_softmax(scores, n, g)                      # (B, KVH, ng, end)
+            else:
+                diagonal = scores.view(B, KVH, n, g, end)[..., end - n:]         # (B, KVH, n, g, n): own keys
+                diagonal += _causal_bias(n, g, q.dtype, q.device)
+                p = scores.softmax(-1)                                            # (B, KVH, ng, end)
+            y[:, first:first + n] = (p @ v[:, :, :end]).view(B, KVH, n, g, hd).transpose(1, 2)   # (B, n, KVH, g, hd)
+            probs.append(p)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(qg, k, v, *probs)
+            ctx.block = block
+        return y.view(B, T, H * hd)                                               # (B, T, H * hd)
+
+    @staticmethod
+    def backward(ctx, grad_y):                  # grad_y: (B, T, H * hd)
+        qg, k, v, *probs = ctx.saved_tensors
+        B, KVH, Tg, hd = qg.shape
+        T, S = grad_y.shape[1], k.shape[2]
+        g = Tg // T
+        dy = grad_y.reshape(B, T, KVH, g, hd).transpose(1, 2).reshape(B, KVH, Tg, hd)   # the queries' layout
+        vt = v.transpose(-1, -2).contiguous()                                      # (B, KVH, hd, S)
+        dqg = torch.empty_like(qg)
+        dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v))   # sums over blocks
+        for p, (first, n, end) in zip(probs, _query_blocks(T, S, ctx.block)):
+            rows = slice(first * g, (first + n) * g)
+            dv[:, :, :end] += p.transpose(-1, -2) @ dy[:, :, rows]                  # (B, KVH, end, hd)
+            dp = dy[:, :, rows] @ vt[..., :end]                                    # (B, KVH, ng, end)
+            ds = torch._softmax_backward_data(dp, p, -1, p.dtype)                  # d scores, (B, KVH, ng, end)
+            dqg[:, :, rows] = ds @ k[:, :, :end]                                   # (B, KVH, ng, hd)
+            dk[:, :, :end] += ds.transpose(-1, -2) @ qg[:, :, rows]                 # (B, KVH, end, hd)
+        dq = (dqg.view(B, KVH, T, g, hd).transpose(2, 3) * hd ** -0.5).reshape(B, KVH * g, T, hd)   # (B, H, T, hd)
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None
 
 
 # ----------------------------------------------------------------------------- the network
@@ -553,6 +603,11 @@ def fused_linears(x, layers):
     `generate` at batch 16 1.08x faster; a 1,100-token prefill unchanged, 0.99x (medians of 8 alternating pairs)."""
     if len(layers) > 1 and all(type(m) is Linear and m.reads_onednn(x) and not m.reads_int4(x) for m in layers):
         return onednn_product(x, layers).split([m.out_features for m in layers], -1)   # views of (..., sum of outs)
+    group = getattr(type(layers[0]), "fused_forward", None)       # adapted layers (lora.LoRALinear.fused_forward)
+    if len(layers) > 1 and group is not None and all(type(m) is type(layers[0]) for m in layers):
+        out = group(x, layers)
+        if out is not None:
+            return out
     return [m(x) for m in layers]
 
 

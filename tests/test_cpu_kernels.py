@@ -99,6 +99,31 @@ def test_bad_arguments_get_one_clear_error():
         cpu_kernels.q8_linear(torch.randn(1, 128).bfloat16(), torch.zeros(32, 128, dtype=torch.int8), d)
 
 
+@pytest.mark.parametrize("shape,seed,drop", [((4, 512, 1536), 12345, 3277), ((3, 1000003), 2 ** 31 - 1, 3277),
+                                             ((17,), 0, 30000), ((5, 7), 99, 0)])
+def test_keep_mask_has_hashed_keeps_bits(shape, seed, drop):
+    """keep_mask (LoRA dropout) is element for element lora.hashed_keep, PyTorch's int32 ops on the same seed."""
+    from lora import hashed_keep
+    got = cpu_kernels.keep_mask(shape, seed, drop)
+    assert got.dtype == torch.int8 and got.shape == shape
+    assert torch.equal(got, hashed_keep(shape, torch.tensor(seed, dtype=torch.int32), drop))
+
+
+@pytest.mark.parametrize("B,KVH,n,g,end", [(2, 3, 128, 3, 512), (1, 2, 5, 3, 13), (2, 1, 7, 1, 7), (1, 3, 17, 3, 40)])
+def test_causal_softmax_is_the_masked_softmax_rounded_once(B, KVH, n, g, end):
+    """causal_softmax == softmax over the keys each row's query may see (up to end - n + its query), 0 beyond,
+    as float64 rounded once to bf16 (give or take fp32's error); row lengths not multiples of 16 included."""
+    gen = torch.Generator().manual_seed(n)
+    scores = (torch.randn(B, KVH, n * g, end, generator=gen) * 4).bfloat16()
+    query = torch.arange(n).repeat_interleave(g)                                   # each row's query
+    seen = torch.arange(end)[None, :] <= end - n + query[:, None]                   # (n*g, end)
+    ref = scores.double().masked_fill(~seen, float("-inf")).softmax(-1)
+    got = cpu_kernels.causal_softmax(scores, n, g)
+    assert got.dtype == torch.bfloat16 and got.shape == scores.shape
+    assert bool((got[..., ~seen] == 0).all())
+    assert within_one_rounding(got, ref, 1.0)
+
+
 def test_compiled_graph_calls_the_op():
     """torch.compile traces the ops through their registered shapes and calls them: the same result."""
     codes, d, m = random_q4(64, 576, torch.Generator().manual_seed(1))

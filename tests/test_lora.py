@@ -119,6 +119,32 @@ def test_layers_reading_the_same_input_share_one_dropout_draw(tiny_dir):
         torch.testing.assert_close(layer(y), layer.base(y) + y @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scale)
 
 
+@pytest.mark.parametrize("names", [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("o_proj",)])
+def test_layers_of_one_input_train_as_the_plain_low_rank_formula(tiny_dir, names):
+    """LoRA layers of one input through fused_linears (their A's stacked, _LowRankUpdates' own backward) give
+    base(x) + B A dropout(x) * alpha / r and autograd's gradients of that formula, for x, each A and each B."""
+    from model import fused_linears
+    model, _ = load_model(tiny_dir, dtype=torch.float32, device="cpu")
+    add_lora(model, LoRAConfig(r=4, dropout=0.3)).train()
+    randomize_B(our_Bs(model))
+    block = model.layers[1]
+    layers = [getattr(block.self_attn if n in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp, n) for n in names]
+    gen = torch.Generator().manual_seed(len(names))
+    x = torch.randn(2, 5, layers[0].in_features, generator=gen).requires_grad_()
+    ups = [torch.randn(2, 5, m.out_features, generator=gen) for m in layers]
+    outs = fused_linears(x, layers)
+    kept, scale = layers[0].dropped(x)                             # the group's mask, memoized for x
+    assert 0 < (kept == 0).float().mean() < 1                      # some dropped
+    weights = [w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+    got = torch.autograd.grad(sum((o * u).sum() for o, u in zip(outs, ups)), [x, *weights], retain_graph=True)
+    expected_outs = [m.base(x) + (kept * scale) @ m.lora_A.weight.T @ m.lora_B.weight.T * m.scale for m in layers]
+    for o, e in zip(outs, expected_outs):
+        torch.testing.assert_close(o, e)
+    want = torch.autograd.grad(sum((o * u).sum() for o, u in zip(expected_outs, ups)), [x, *weights])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def _fmix32(h: int) -> int:
     """MurmurHash3's 32-bit finalizer in unsigned Python integers (Appleby's reference C code)."""
     h ^= h >> 16

@@ -965,12 +965,16 @@ def test_shared_prefix_attention_equals_attention_over_the_concatenation(fused, 
         torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["cpu_kernels", "pytorch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_causal_attention_by_blocks_equals_sdpa_forward_and_backward(dtype):
+def test_causal_attention_by_blocks_equals_sdpa_forward_and_backward(dtype, kernels, monkeypatch):
     """causal_attention_by_blocks (query blocks, grouped-query heads folded) == causal SDPA in fp64, for block
     edges inside and at the end, T below one block, queries in the last T of S cached slots, g = 1 and 3;
-    and so are its gradients through autograd (how training takes it)."""
+    and so are its gradients (its own backward, how training takes it); in bf16 with cpu_kernels' softmax where
+    they are built, and with PyTorch's."""
     from model import causal_attention_by_blocks
+    if not kernels:
+        monkeypatch.setattr(model_module.cpu_kernels, "available", lambda: False)
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():           # as a prefill, before training in the same process (train.py does)
         causal_attention_by_blocks(*(torch.randn(1, 2, 5, 8, dtype=dtype) for _ in range(3)), block=4)
