@@ -17,6 +17,13 @@ A bf16 load of the GGUF keeps its Q4_1 codes (and its Q8_0 LM head), and decodin
 them (`model.Linear.keep_int4`, `keep_q8`): with the hand-written kernels of `cpu_kernels.cpp` on a CPU with
 AVX-512-BF16, else with PyTorch's CPU 4-bit kernel; ours is also run with the bf16 weights only.
 
+The whole process runs with `model.keep_freed_memory` (glibc keeps freed memory for reuse), as train.py runs its
+synthesis, unless --glibc-defaults. It matters to transformers' prefill, whose large temporaries otherwise come
+back from the OS page by page: on the 2-core AMD EPYC, each side alone in its process, transformers 780 tok/s
+with glibc's defaults and ~1,000 with it (ours 1,335 and ~1,370). Alternating in one process under glibc's
+defaults, each side's frees move glibc's mmap threshold for the other: transformers then ran 874 tok/s after
+one version of ours and 1,010 after the next, so that measure was not of transformers alone.
+
 Decode at batch 1 is also measured with prompt-lookup guesses (speculative decoding that copies from the
 context, `--draft` tokens per step, the same greedy tokens) on all three sides: ours (`generate(...,
 draft=N)`), transformers (`prompt_lookup_num_tokens=N`) and llama.cpp (`LlamaPromptLookupDecoding`).
@@ -39,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import (DRAFT_TOKENS, FP16_KERNELS, INT4_KERNELS, compile_for_inference, default_dtype,  # noqa: E402
-                   embedded_model_path, generate, load_model, set_fp16_weights, set_int4_weights)
+                   embedded_model_path, generate, keep_freed_memory, load_model, set_fp16_weights, set_int4_weights)
 
 
 def once(fn):
@@ -207,12 +214,17 @@ def main():
                     help="ours with prefills and decoding steps through compiled graphs (model.compile_for_inference; "
                          "the first calls compile, ~10 s each from inductor's cache, minutes the first time, in "
                          "the untimed warm-ups)")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="leave glibc's malloc settings alone (default: model.keep_freed_memory for the whole process, "
+                         "so for every side, as train.py runs its synthesis)")
     ap.add_argument("--freeze", action="store_true",
                     help="with --compile: the decoding steps' graphs take the block weights as constants "
                          "(compile_for_inference(freeze=True); 90-100 s more per kind of step, every run)")
     args = ap.parse_args()
     if args.freeze and not args.compile:
         ap.error("--freeze needs --compile")
+    if not args.glibc_defaults:
+        keep_freed_memory()
     torch.set_num_threads(args.threads)
     text = Path(__file__).resolve().parent.parent.joinpath("prompts", "webshop.txt").read_text()
     _, tok = load_model(dtype=torch.float32, device="cpu")
