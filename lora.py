@@ -250,13 +250,12 @@ def low_rank_updates(x, layers: list["LoRALinear"]) -> list[torch.Tensor]:
     return [F.linear(h[..., i * r:(i + 1) * r], b) for i, b in enumerate(bs)]
 
 
-
 class _LowRankUpdates(torch.autograd.Function):
     """low_rank_updates' products, forward and backward: the stacked A's one product each way, and B's gradient
     computed as (h^T g)^T, (r, M) @ (M, out), where the compiled autograd graph ran g^T h, (out, M) @ (M, r): for
     (2,048, 1,536) on the 2-core AMD EPYC 0.42 against 0.76 ms. The QLoRA step of bench_qlora.py, 8 alternating
-    steps in one process: median 1.006x faster than autograd over the unstacked products (noisy; 8 of 10 pairs
-    faster with the attention's own backward, model._CausalAttentionByBlocks, together 1.012x)."""
+    steps in one process: median 1.006x faster than autograd over the unstacked products (noisy); with the
+    attention's own backward (model._CausalAttentionByBlocks) together 1.012x, all 10 pairs faster."""
 
     @staticmethod
     def forward(ctx, x, a, *bs):                  # x: (..., in); a: (k r, in); bs: k of (out, r)
