@@ -80,7 +80,8 @@ def hashed_keep(shape, seed: torch.Tensor, drop: int, device="cpu") -> torch.Ten
     low 16 bits of fmix32(i * 0x9E3779B1 + seed) fall below `drop` (fmix32: the 32-bit finalizer of MurmurHash3,
     a bijection that mixes every input bit into every output bit). seed: an int32 scalar tensor, so one compiled
     graph serves every draw. The same bits eagerly or inside a compiled training block, where inductor fuses the
-    hash with the mask's product and no random number is drawn per element. Int32 products wrap around, and
+    hash with the mask's product and no random number is drawn per element; cpu_kernels.keep_mask computes them
+    in C++, faster, and is used instead where it is built (cpu_keep_mask). Int32 products wrap around, and
     `>>` shifts in copies of the sign bit, so each shift is masked to act as an unsigned one."""
     h = torch.arange(math.prod(shape), dtype=torch.int32, device=device).mul_(-1640531535).add_(seed)  # 0x9E3779B1
     for shift, factor in ((16, -2048144789), (13, -1028477387), (16, None)):       # 0x85EBCA6B, 0xC2B2AE35
