@@ -247,8 +247,7 @@ def low_rank_updates(x, layers: list["LoRALinear"]) -> list[torch.Tensor]:
     if torch.is_grad_enabled():
         return _LowRankUpdates.apply(kept, a.to(x.dtype), *bs)
     h = F.linear(kept, a.to(x.dtype))                        # (..., k r); inference: no autograd.Function
-    r = layers[0].lora_A.out_features
-    return [F.linear(h[..., i * r:(i + 1) * r], b) for i, b in enumerate(bs)]
+    return [F.linear(hi, b) for hi, b in zip(h.split(layers[0].lora_A.out_features, -1), bs)]
 
 
 class _LowRankUpdates(torch.autograd.Function):
@@ -262,18 +261,16 @@ class _LowRankUpdates(torch.autograd.Function):
     def forward(ctx, x, a, *bs):                  # x: (..., in); a: (k r, in); bs: k of (out, r)
         x2 = x.reshape(-1, x.shape[-1])                                            # (M, in)
         h = x2 @ a.t()                                                             # (M, k r)
-        r = h.shape[1] // len(bs)
         ctx.save_for_backward(x2, a, h, *bs)
-        ctx.in_shape = x.shape
-        return tuple((h[:, i * r:(i + 1) * r] @ b.t()).view(*x.shape[:-1], -1) for i, b in enumerate(bs))  # (..., out)
+        ctx.in_shape, ctx.r = x.shape, h.shape[1] // len(bs)
+        return tuple((hi @ b.t()).view(*x.shape[:-1], -1) for hi, b in zip(h.split(ctx.r, 1), bs))   # (..., out)
 
     @staticmethod
     def backward(ctx, *grads):                    # grads: k of (..., out)
         x2, a, h, *bs = ctx.saved_tensors
-        r = h.shape[1] // len(bs)
         gs = [g.reshape(-1, g.shape[-1]) for g in grads]                           # (M, out) each
         gh = torch.cat([g @ b for g, b in zip(gs, bs)], 1)                          # (M, k r)
-        gbs = [(h[:, i * r:(i + 1) * r].t() @ g).t() for i, g in enumerate(gs)]    # (out, r) each
+        gbs = [(hi.t() @ g).t() for hi, g in zip(h.split(ctx.r, 1), gs)]          # (out, r) each
         gx = (gh @ a).view(ctx.in_shape) if ctx.needs_input_grad[0] else None       # (..., in)
         return gx, gh.t() @ x2, *gbs
 
